@@ -1,0 +1,159 @@
+"""The toy CLIP: its config, contrastive pretraining on ToyWorld, and its evaluation.
+
+Pretraining follows what was measured to work on a 2-core CPU (DESIGN.md): a conv-stem ViT,
+half of each batch in hard-negative groups (scenes that differ only in their shapes),
+attribute words dropped from captions with p=0.2, AdamW lr 1e-3, wd 0.1, betas (0.9, 0.98),
+4% warm-up then cosine. The loss is open_clip's ``ClipLoss`` (symmetric InfoNCE, gathered
+across DDP ranks).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from importlib import resources
+
+import numpy as np
+import open_clip
+import torch
+
+from . import toyworld as tw
+from .models import ClipModel, build_clip
+from .tokenizer import WordTokenizer, toyworld_vocabulary
+from .train import TrainConfig, distributed_context, fit
+
+TRAIN_INDEX_SPACE = 10**12  # pretraining never repeats a scene
+
+
+def toy_clip_config() -> dict:
+    """The toy CLIP's ``open_clip_config.json`` (from ``labkit/configs/toy_clip.json`` plus the vocabulary)."""
+    config = json.loads((resources.files("labkit") / "configs" / "toy_clip.json").read_text())
+    vocab = toyworld_vocabulary()
+    config["labkit"]["tokenizer"]["vocab"] = vocab
+    config["model_cfg"]["text_cfg"]["vocab_size"] = len(vocab) + 4  # + <pad> <sot> <unk> <eot>
+    return config
+
+
+def new_toy_clip(config: dict | None = None, device=None) -> ClipModel:
+    """A randomly initialised toy CLIP wrapped as a :class:`ClipModel`."""
+    config = copy.deepcopy(config or toy_clip_config())
+    model = build_clip(config)
+    tokenizer = WordTokenizer(config["labkit"]["tokenizer"]["vocab"], config["model_cfg"]["text_cfg"]["context_length"])
+    pre = config["preprocess_cfg"]
+    return ClipModel("toy", model, tokenizer, config["model_cfg"]["vision_cfg"]["image_size"], pre["mean"], pre["std"],
+                     device, config)
+
+
+# ---------------------------------------------------------------- pretraining data
+
+class PretrainBatches:
+    """``make_batch(step, rank, world)`` for CLIP pretraining: random scenes plus hard-negative groups."""
+
+    def __init__(self, clip: ClipModel, batch_size: int = 128, hard_fraction: float = 0.5, group_size: int = 4,
+                 caption_drop: float = 0.2, seed: int = 0):
+        if batch_size < 2:
+            raise ValueError(f"batch_size must be at least 2, got {batch_size}")
+        self.clip, self.batch_size, self.group_size = clip, batch_size, group_size
+        self.n_groups = int(batch_size * hard_fraction) // group_size
+        self.world = tw.ToyWorld("train", seed, TRAIN_INDEX_SPACE, caption_drop=caption_drop)
+
+    def scenes(self, step: int, rank: int = 0, world: int = 1) -> tuple[list[tw.Scene], list[str]]:
+        w = self.world
+        base = (step * world + rank) * self.batch_size
+        n_random = self.batch_size - self.n_groups * self.group_size
+        scenes = [w.scene(base + i) for i in range(n_random)]
+        captions = [w.caption(base + i, s) for i, s in enumerate(scenes)]
+        for g in range(self.n_groups):
+            index = base + n_random + g
+            for j, scene in enumerate(w.hard_negative_group(index, self.group_size)):
+                scenes.append(scene)
+                captions.append(scene.caption(w.rng(index, 3 + j), w.caption_drop))
+        return scenes, captions
+
+    def __call__(self, step: int, rank: int = 0, world: int = 1):
+        scenes, captions = self.scenes(step, rank, world)
+        images = torch.from_numpy(np.stack([s.render(self.world.image_size) for s in scenes])).permute(0, 3, 1, 2)
+        return (self.clip.prepare(images), self.clip.tokenize(captions).to(self.clip.device)), len(scenes)
+
+
+def contrastive_loss_fn():
+    """``loss_fn(model, (images, tokens))`` with open_clip's ClipLoss, gathering features across ranks."""
+    rank, world = distributed_context()
+    criterion = open_clip.ClipLoss(rank=rank, world_size=world)
+
+    def loss_fn(model, batch):
+        images, tokens = batch
+        image_features, text_features, logit_scale = model(images, tokens)
+        loss = criterion(image_features, text_features, logit_scale)
+        return loss, {"temperature": 1.0 / logit_scale.item()}
+
+    return loss_fn
+
+
+# ---------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def zero_shot_classifier(clip: ClipModel, classnames, templates) -> torch.Tensor:
+    """``W_c`` ``[C, D]``: per class, encode every template, normalise, average, renormalise (CLIP's ensembling)."""
+    prompts = [t.format(c) for c in classnames for t in templates]
+    feats = clip.encode_text(prompts).view(len(classnames), len(templates), -1)
+    return torch.nn.functional.normalize(feats.mean(dim=1), dim=-1)
+
+
+@torch.no_grad()
+def zero_shot_eval(clip: ClipModel, task: str, split: str = "test", n: int = 1000, seed: int = 0) -> dict:
+    """Zero-shot accuracy, predictions and labels of ``task`` on ``n`` held-out scenes."""
+    data = tw.TaskDataset(task, split, seed, n)
+    images, labels = data.tensors()
+    classifier = zero_shot_classifier(clip, data.task.classnames, data.task.templates)
+    pred = (clip.encode_image(images) @ classifier.T).argmax(dim=-1).cpu()
+    return {"accuracy": float((pred == labels).float().mean()), "pred": pred, "labels": labels,
+            "classnames": data.task.classnames}
+
+
+@torch.no_grad()
+def retrieval_eval(clip: ClipModel, split: str = "test", n: int = 1000, objects=(2, 3), seed: int = 0) -> dict:
+    """Image->text and text->image recall@1 of ``n`` scenes against their canonical captions."""
+    world = tw.ToyWorld(split, seed, n, objects=objects, canonical_captions=True)
+    scenes = [world.scene(i) for i in range(n)]
+    images = torch.from_numpy(np.stack([s.render() for s in scenes])).permute(0, 3, 1, 2)
+    captions = [s.caption() for s in scenes]
+    sim = clip.encode_image(images) @ clip.encode_text(captions).T
+    target = torch.arange(n, device=sim.device)
+    i2t = sim.argmax(dim=1)
+    t2i = sim.argmax(dim=0)
+    return {"i2t_r1": float((i2t == target).float().mean()), "t2i_r1": float((t2i == target).float().mean()),
+            "similarity": sim.cpu(), "captions": captions, "images": images}
+
+
+def evaluate_clip(clip: ClipModel, n: int = 1000) -> dict:
+    """The foundation's acceptance metrics (held-out ``test`` split)."""
+    retrieval = retrieval_eval(clip, n=n)
+    return {
+        "zero_shot_shape_acc": zero_shot_eval(clip, "shape", n=n)["accuracy"],
+        "zero_shot_color_acc": zero_shot_eval(clip, "color", n=n)["accuracy"],
+        "retrieval_i2t_r1": retrieval["i2t_r1"],
+        "retrieval_t2i_r1": retrieval["t2i_r1"],
+    }
+
+
+def train_toy_clip(steps: int, batch_size: int = 128, out_dir: str | None = None, seed: int = 0, lr: float = 1e-3,
+                   eval_every: int = 0, eval_n: int = 500, time_budget_s: float | None = None,
+                   clip: ClipModel | None = None, progress: bool = True, masking: str = "none",
+                   mask_ratio: float = 0.0, **masking_kwargs) -> tuple[ClipModel, dict]:
+    """Pretrain a toy CLIP from scratch on ToyWorld; returns the model and the training record.
+
+    ``masking`` (``none``, ``random`` or ``cluster``) installs a patch-masking strategy into the
+    vision tower for training (see :mod:`labkit.masking`); evaluation always sees every patch.
+    """
+    torch.manual_seed(seed)
+    clip = clip or new_toy_clip()
+    if masking != "none":
+        from .masking import install
+
+        install(clip.model, masking, mask_ratio, **masking_kwargs)
+    cfg = TrainConfig(steps=steps, lr=lr, seed=seed, eval_every=eval_every, out_dir=out_dir,
+                      time_budget_s=time_budget_s, desc="toy CLIP", checkpoint_every=max(1, steps // 10))
+    record = fit(clip.model, contrastive_loss_fn(), PretrainBatches(clip, batch_size, seed=seed), cfg,
+                 evaluate=lambda _: evaluate_clip(clip, eval_n), device=clip.device, progress=progress)
+    return clip, record
