@@ -59,6 +59,25 @@ def cmd_bench_toyworld(args) -> dict:
     return bench_toyworld(n=args.n)
 
 
+def cmd_eval_tip(args) -> dict:
+    from .models import load_clip
+    from .tipadapter import EVAL_TASKS, evaluate_tip
+
+    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip()) if args.tasks else EVAL_TASKS
+    shots = tuple(int(s) for s in args.shots.split(","))
+    n_val, n_test, views, epochs = args.n_val, args.n_test, args.views, args.epochs
+    if fast_mode():  # same tasks and shot counts, fewer images, views and epochs
+        n_val, n_test, views, epochs = min(n_val, 60), min(n_test, 100), min(views, 2), min(epochs, 2)
+    return evaluate_tip(load_clip(args.model), tasks, shots, n_val, n_test, views, epochs)
+
+
+def cmd_bench_app(args) -> dict:
+    from app.bench import bench_app
+
+    n = min(args.n_requests, 40) if fast_mode() else args.n_requests
+    return bench_app(n_requests=n, n_clients=args.clients, model=args.model)
+
+
 def cmd_app(args) -> dict:
     from app.main import launch
 
@@ -91,11 +110,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="toy")
     p.add_argument("--n", type=int, default=1000)
     p.set_defaults(func=cmd_eval_clip)
+    p = evaluate.add_parser("tip", help="zero-shot vs Tip-Adapter(-F) vs linear probe at 1-16 shots")
+    p.add_argument("--model", default="toy")
+    p.add_argument("--tasks", default="", help="comma-separated subset of shape,color,novel,shifted,mnist")
+    p.add_argument("--shots", default="1,2,4,8,16")
+    p.add_argument("--n-val", type=int, default=500, help="validation images per task (alpha/beta search)")
+    p.add_argument("--n-test", type=int, default=1000, help="test images per task")
+    p.add_argument("--views", type=int, default=10, help="augmented views averaged per support image")
+    p.add_argument("--epochs", type=int, default=20, help="Tip-Adapter-F epochs")
+    p.set_defaults(func=cmd_eval_tip)
 
     bench = sub.add_parser("bench", help="measure speed").add_subparsers(dest="what", required=True)
     p = bench.add_parser("toyworld", help="scene rendering throughput")
     p.add_argument("--n", type=int, default=3000)
     p.set_defaults(func=cmd_bench_toyworld)
+    p = bench.add_parser("app", help="concurrent classify requests against a locally launched Tip-Adapter app")
+    p.add_argument("--model", default="toy")
+    p.add_argument("--n-requests", type=int, default=200)
+    p.add_argument("--clients", type=int, default=20, help="simulated students, each with its own session/cache")
+    p.set_defaults(func=cmd_bench_app)
 
     p = sub.add_parser("app", help="the Tip-Adapter web demo")
     p.add_argument("--host", default="127.0.0.1")

@@ -162,9 +162,7 @@ def fit(model: nn.Module, loss_fn: Callable, make_batch: Callable[[int, int, int
     start = 0
     if cfg.resume and has_checkpoint(cfg.out_dir):
         start = load_checkpoint(cfg.out_dir, model, optimizer)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.steps, cfg.warmup))
-    for _ in range(start):  # fast-forward the schedule to the resumed step
-        scheduler.step()
+    schedule = lr_lambda(cfg.steps, cfg.warmup)
     train_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     history, evals = [], []
     bar = tqdm(range(start, cfg.steps), desc=cfg.desc, disable=not progress or rank != 0, initial=start,
@@ -174,6 +172,8 @@ def fit(model: nn.Module, loss_fn: Callable, make_batch: Callable[[int, int, int
     for step in bar:
         model.train()
         t0 = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * schedule(step)
         batch, n_images = make_batch(step, rank, world)
         with autocast(device):
             out = loss_fn(train_model, batch)
@@ -183,12 +183,11 @@ def fit(model: nn.Module, loss_fn: Callable, make_batch: Callable[[int, int, int
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
-        scheduler.step()
         dt = time.perf_counter() - t0
         train_seconds += dt
         images_seen += n_images * world
-        record = {"step": step + 1, "loss": float(loss), "images_per_s": n_images * world / dt,
-                  "train_seconds": train_seconds, "images_seen": images_seen, "lr": scheduler.get_last_lr()[0],
+        record = {"step": step + 1, "loss": loss.item(), "images_per_s": n_images * world / dt,
+                  "train_seconds": train_seconds, "images_seen": images_seen, "lr": optimizer.param_groups[0]["lr"],
                   **{k: float(v) for k, v in metrics.items()}}
         history.append(record)
         last = step + 1

@@ -1,0 +1,77 @@
+"""Regenerate README's result tables from the JSON that the lab's commands printed.
+
+Run a command with --json and keep its last line in results/NAME.json, e.g.
+    labkit eval clip --json | tail -n 1 > results/eval_clip.json
+then `python scripts/update_readme.py` rewrites every block between
+<!-- results:NAME --> and <!-- /results:NAME --> from results/NAME.json.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 100 else f"{value:,.0f}"
+    return str(value)
+
+
+def key_value_table(data: dict) -> str:
+    rows = [(k, v) for k, v in data.items() if not isinstance(v, (dict, list))]
+    return "\n".join(["| metric | value |", "|---|---|", *(f"| {k} | {fmt(v)} |" for k, v in rows)])
+
+
+def tip_table(data: dict) -> str:
+    shots = ["1", "2", "4", "8", "16"]
+    lines = ["| task | method | zero-shot | " + " | ".join(f"{s}-shot" for s in shots) + " |",
+             "|---|---|---|" + "---|" * len(shots)]
+    for task, res in data["results"].items():
+        for method in ("tip_adapter", "tip_adapter_f", "linear_probe"):
+            cells = [fmt(res[method].get(s, "")) for s in shots]
+            lines.append(f"| {task} | {method} | {fmt(res['zero_shot'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+RENDERERS = {"eval_tip": tip_table}
+
+
+def render(name: str) -> str:
+    data = json.loads((ROOT / "results" / f"{name}.json").read_text())
+    custom = RENDERERS.get(name)
+    if custom is not None:
+        return custom(data)
+    if isinstance(data.get("table"), list):  # commands may provide their own rows
+        rows = data["table"]
+        cols = list(rows[0])
+        return "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols),
+                          *("| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows)])
+    return key_value_table(data)
+
+
+def main() -> int:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    pattern = re.compile(r"(<!-- results:([\w-]+) -->\n)(.*?)(<!-- /results:\2 -->)", re.S)
+    missing = []
+
+    def replace(match):
+        name = match.group(2)
+        if not (ROOT / "results" / f"{name}.json").is_file():
+            missing.append(name)
+            return match.group(0)
+        return match.group(1) + render(name) + "\n" + match.group(4)
+
+    readme.write_text(pattern.sub(replace, text))
+    if missing:
+        print("no results yet for:", ", ".join(missing), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+import json
+import subprocess
+import sys
+
+from labkit.cli import main
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "labkit.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_eval_clip_prints_one_json_object_on_its_last_line():
+    result = run_cli("eval", "clip", "--n", "100", "--json")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+    for key in ("zero_shot_shape_acc", "zero_shot_color_acc", "retrieval_i2t_r1", "retrieval_t2i_r1"):
+        assert 0.0 <= metrics[key] <= 1.0
+
+
+def test_bench_toyworld_json(capsys):
+    assert main(["bench", "toyworld", "--n", "200", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["images_per_s"] > 0 and result["times_faster_than_training"] > 1
+
+
+def test_user_errors_get_a_message_not_a_traceback():
+    result = run_cli("eval", "clip", "--model", "no-such-model", "--json")
+    assert result.returncode == 2
+    assert "unknown model name 'no-such-model'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_train_clip_fast_mode_writes_a_loadable_local_dir(tmp_path, capsys):
+    out, work = tmp_path / "clip", tmp_path / "work"
+    assert main(["train", "clip", "--steps", "3", "--batch-size", "16", "--eval-every", "0", "--eval-n", "0",
+                 "--out", str(out), "--work-dir", str(work), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["steps"] == 3
+    from labkit.models import load_clip
+
+    clip = load_clip(f"local-dir:{out}", device="cpu")
+    assert clip.config["labkit"]["training"]["steps"] == 3
