@@ -150,8 +150,9 @@ def save_local_dir(model: nn.Module, config: dict, path: str | os.PathLike) -> P
     with tempfile.TemporaryDirectory(dir=path) as tmp:
         save_file(state, os.path.join(tmp, WEIGHTS_NAME))
         Path(tmp, CONFIG_NAME).write_text(json.dumps(config, indent=2))
-        os.replace(os.path.join(tmp, WEIGHTS_NAME), path / WEIGHTS_NAME)
-        os.replace(os.path.join(tmp, CONFIG_NAME), path / CONFIG_NAME)
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            os.chmod(os.path.join(tmp, name), 0o644)  # temp files are private; checkpoints are not
+            os.replace(os.path.join(tmp, name), path / name)
     return path
 
 
