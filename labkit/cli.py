@@ -65,23 +65,133 @@ def cmd_eval_tip(args) -> dict:
 
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip()) if args.tasks else EVAL_TASKS
     shots = tuple(int(s) for s in args.shots.split(","))
-    n_val, n_test, views, epochs = args.n_val, args.n_test, args.views, args.epochs
-    if fast_mode():  # same tasks and shot counts, fewer images, views and epochs
-        n_val, n_test, views, epochs = min(n_val, 60), min(n_test, 100), min(views, 2), min(epochs, 2)
-    return evaluate_tip(load_clip(args.model), tasks, shots, n_val, n_test, views, epochs)
+    n_val, n_test, views, epochs, repeats = args.n_val, args.n_test, args.views, args.epochs, args.repeats
+    if fast_mode():  # same tasks and shot counts, fewer images, views, epochs and draws
+        n_val, n_test, views, epochs, repeats = min(n_val, 60), min(n_test, 100), min(views, 2), min(epochs, 2), 1
+    return evaluate_tip(load_clip(args.model), tasks, shots, n_val, n_test, views, epochs, repeats)
+
+
+def _app_module(name: str):
+    """Import ``app.<name>``; from a source checkout whose editable install predates app/, via the repo root."""
+    import importlib
+    from pathlib import Path
+
+    try:
+        return importlib.import_module(f"app.{name}")
+    except ModuleNotFoundError as e:
+        root = Path(__file__).resolve().parents[1]
+        if e.name != "app" or not (root / "app" / "main.py").is_file():
+            raise
+        sys.path.insert(0, str(root))
+        return importlib.import_module(f"app.{name}")
 
 
 def cmd_bench_app(args) -> dict:
-    from app.bench import bench_app
+    bench_app = _app_module("bench").bench_app
 
     n = min(args.n_requests, 40) if fast_mode() else args.n_requests
     return bench_app(n_requests=n, n_clients=args.clients, model=args.model)
 
 
-def cmd_app(args) -> dict:
-    from app.main import launch
+def _save_json(result: dict, path: str | None) -> None:
+    if path:
+        from pathlib import Path
 
-    launch(host=args.host, port=args.port, model=args.model)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=1))
+
+
+def cmd_bench_masking(args) -> dict:
+    from .masking_bench import bench_masking
+
+    result = bench_masking(models=tuple(args.models.split(",")), toy_batch=args.toy_batch, vit_batch=args.vit_batch,
+                           warmup=args.warmup, repeats=args.repeats, threads=args.threads)
+    _save_json(result, args.save)
+    return result
+
+
+def cmd_eval_masking(args) -> dict:
+    from .masking_bench import eval_masking
+
+    result = eval_masking(budget_s=args.budget_s, ratio=args.ratio, variants=tuple(args.variants.split(",")),
+                          batch_size=args.batch_size, seed=args.seed, threads=args.threads)
+    _save_json(result, args.save)
+    return result
+
+
+def cmd_make_dataset(args) -> dict:
+    from .openclip_train import make_dataset
+
+    return make_dataset(args.out, n=args.n, split=args.split, seed=args.seed)
+
+
+def _blip2_paths(assets: str | None) -> dict:
+    from pathlib import Path
+
+    from .blip2_data import ASSETS
+
+    root = Path(assets) if assets else ASSETS
+    return {"root": root, "stage1": root / "stage1", "lm": lambda kind: root / f"lm_{kind}",
+            "stage2": lambda kind: root / f"stage2_{kind}"}
+
+
+def cmd_train_qformer(args) -> dict:
+    """BLIP-2 on ToyWorld: ``--stage lm`` (text-only LM), ``--stage 1`` (ITC+ITM+ITG), ``--stage 2 --lm {opt,t5}``."""
+    from .blip2_data import load_encoder, load_stage1, load_text_lm, train_stage1, train_stage2, train_text_lm
+    from .blip2_lm import check_lm_kind
+    from .models import load_clip
+
+    paths, budget = _blip2_paths(args.assets), args.time_budget_s
+    meta = {"command": "labkit " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "clip": args.clip}
+    if args.stage not in ("lm", "1", "2"):
+        raise ValueError(f"unknown stage {args.stage!r}; accepted: lm, 1, 2")
+    if args.stage != "1":
+        check_lm_kind(args.lm)  # before anything slow
+    if args.stage == "lm":
+        _, info = train_text_lm(args.lm, args.steps, args.batch_size, args.lr, args.seed, budget,
+                                paths["lm"](args.lm), meta=meta)
+        return {"out": str(paths["lm"](args.lm)), **{k: v for k, v in info.items() if k != "curve"}}
+    clip = load_clip(args.clip)
+    encoder = load_encoder(clip)
+    if args.stage == "1":
+        _, info = train_stage1(encoder, clip, args.steps, args.batch_size, args.lr, args.seed, budget, paths["stage1"],
+                               meta=meta)
+        return {"out": str(paths["stage1"]), **{k: v for k, v in info.items() if not k.startswith("curve")}}
+    lm = load_text_lm(paths["lm"](args.lm))
+    stage1 = load_stage1(paths["stage1"]) if not args.no_stage1 else None
+    _, info = train_stage2(encoder, lm, stage1, args.steps, args.batch_size, args.lr, args.seed, budget,
+                           paths["stage2"](args.lm), eval_n=args.eval_n, meta=meta)
+    return {"out": str(paths["stage2"](args.lm)), **{k: v for k, v in info.items() if k != "curve"}}
+
+
+def cmd_eval_qformer(args) -> dict:
+    from .blip2_data import (
+        evaluate_stage2,
+        hf_equivalence_max_abs_diff,
+        itc_retrieval_r1,
+        load_encoder,
+        load_stage1,
+        load_stage2,
+        load_text_lm,
+        param_counts,
+    )
+    from .blip2_lm import check_lm_kind
+
+    paths = _blip2_paths(args.assets)
+    check_lm_kind(args.lm)
+    n, n_itc = (min(args.n, 20), min(args.n_itc, 50)) if fast_mode() else (args.n, args.n_itc)
+    encoder = load_encoder(args.clip)
+    model = load_stage2(paths["stage2"](args.lm), load_text_lm(paths["lm"](args.lm))).to(encoder.mean.device)
+    metrics = evaluate_stage2(model, encoder, n=n, details=False)
+    return {"lm": args.lm, **param_counts(model, encoder), "caption_attribute_accuracy": metrics["caption_attribute_accuracy"],
+            "vqa_accuracy": metrics["vqa_accuracy"], "vqa_accuracy_all": metrics["vqa_accuracy_all"],
+            "vqa_by_type": metrics["vqa_by_type"],
+            "itc_i2t_r1": itc_retrieval_r1(load_stage1(paths["stage1"]).to(encoder.mean.device), encoder, n=n_itc),
+            "hf_equivalence_max_abs_diff": hf_equivalence_max_abs_diff(), "n_scenes": n, "n_itc": n_itc}
+
+
+def cmd_app(args) -> dict:
+    _app_module("main").launch(host=args.host, port=args.port, model=args.model)
     return {}
 
 
@@ -114,10 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="toy")
     p.add_argument("--tasks", default="", help="comma-separated subset of shape,color,novel,shifted,mnist")
     p.add_argument("--shots", default="1,2,4,8,16")
-    p.add_argument("--n-val", type=int, default=500, help="validation images per task (alpha/beta search)")
+    p.add_argument("--n-val", type=int, default=1000, help="validation images per task (alpha/beta search)")
     p.add_argument("--n-test", type=int, default=1000, help="test images per task")
     p.add_argument("--views", type=int, default=10, help="augmented views averaged per support image")
     p.add_argument("--epochs", type=int, default=20, help="Tip-Adapter-F epochs")
+    p.add_argument("--repeats", type=int, default=3, help="support draws averaged per shot count")
     p.set_defaults(func=cmd_eval_tip)
 
     bench = sub.add_parser("bench", help="measure speed").add_subparsers(dest="what", required=True)
@@ -129,6 +240,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-requests", type=int, default=200)
     p.add_argument("--clients", type=int, default=20, help="simulated students, each with its own session/cache")
     p.set_defaults(func=cmd_bench_app)
+
+    p = bench.add_parser("masking", help="vision-tower step speedup of FLIP / cluster masking at ratios 0, 0.5, 0.75")
+    p.add_argument("--models", default="toy,ViT-B-32", help="comma-separated: toy and/or open_clip architectures")
+    p.add_argument("--toy-batch", type=int, default=256)
+    p.add_argument("--vit-batch", type=int, default=32)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default; 1 on a shared CPU)")
+    p.add_argument("--save", default=None, help="also write the JSON result to this file")
+    p.set_defaults(func=cmd_bench_masking)
+
+    p = evaluate.add_parser("masking", help="toy CLIP trained with none/random/cluster masking, same wall-clock budget")
+    p.add_argument("--budget-s", type=float, default=180.0, help="training seconds per variant")
+    p.add_argument("--ratio", type=float, default=0.5, help="mask ratio of variants given without one")
+    p.add_argument("--variants", default="none,random,cluster,random:0.75,cluster:0.75")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default; 1 on a shared CPU)")
+    p.add_argument("--save", default=None, help="also write the JSON result to this file")
+    p.set_defaults(func=cmd_eval_masking)
+
+    p = sub.add_parser("make-dataset", help="write ToyWorld scenes as PNG + CSV for open_clip_train")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--split", default="train")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_dataset)
+
+    p = sub.add_parser("openclip-train", add_help=False,
+                       help="open_clip_train with labkit masking: labkit openclip-train --masking M --mask-ratio R -- ...")
+    p.add_argument("openclip_argv", nargs=argparse.REMAINDER)  # dispatched in main() before parsing
+
+    p = train.add_parser("qformer", help="BLIP-2 on ToyWorld: --stage lm (text-only LM), 1, or 2 --lm {opt,t5}")
+    p.add_argument("--stage", default="1", help="lm: pretrain the frozen LM on text; 1: ITC+ITM+ITG; 2: soft prompts into the LM")
+    p.add_argument("--lm", default="opt", help="language model for --stage lm/2: opt (decoder-only) or t5 (encoder-decoder)")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-budget-s", type=float, default=None, help="stop once this much training time has passed")
+    p.add_argument("--clip", default="toy", help="CLIP whose vision tower gives the frozen features")
+    p.add_argument("--assets", default=None, help="checkpoint folder (default: the shipped labkit/assets/blip2)")
+    p.add_argument("--no-stage1", action="store_true", help="stage 2 from a fresh Q-Former instead of the stage-1 one")
+    p.add_argument("--eval-n", type=int, default=200, help="held-out scenes evaluated after stage 2")
+    p.set_defaults(func=cmd_train_qformer)
+
+    p = evaluate.add_parser("qformer", help="BLIP-2 stage 2 captioning/VQA, stage-1 ITC R@1, HF equivalence, param counts")
+    p.add_argument("--lm", default="opt")
+    p.add_argument("--n", type=int, default=300, help="held-out scenes for captioning and VQA")
+    p.add_argument("--n-itc", type=int, default=1000, help="held-out 2-3-object scenes for ITC image->text R@1")
+    p.add_argument("--clip", default="toy")
+    p.add_argument("--assets", default=None)
+    p.set_defaults(func=cmd_eval_qformer)
 
     p = sub.add_parser("app", help="the Tip-Adapter web demo")
     p.add_argument("--host", default="127.0.0.1")
@@ -142,6 +306,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["openclip-train"]:  # its own parser; everything after -- goes to open_clip_train
+        from .openclip_train import main as openclip_main
+
+        try:
+            return openclip_main(argv[1:])
+        except ValueError as e:
+            print(f"labkit: error: {e}", file=sys.stderr)
+            return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
