@@ -38,7 +38,30 @@ def tip_table(data: dict) -> str:
     return "\n".join(lines)
 
 
-RENDERERS = {"eval_tip": tip_table}
+def masking_bench_table(data: dict) -> str:
+    lines = ["| model | batch | strategy | ratio | images/s | speedup | ideal 1/(1-r) | Amdahl ideal | of Amdahl |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for model in data["models"]:
+        for row in model["rows"]:
+            lines.append(f"| {model['model']} | {model['batch']} | {row['strategy']} | {row['ratio']} | "
+                         f"{fmt(row['images_per_s'])} | {fmt(row['speedup'])} | {fmt(row['ideal'])} | "
+                         f"{fmt(row['amdahl_ideal'])} | {fmt(row['of_amdahl'])} |")
+    lines.append("")
+    lines.append("Targets: " + ", ".join(f"{k} = {fmt(v['value'])} ({'met' if v['met'] else 'not met'})"
+                                         for k, v in data["targets"].items()))
+    return "\n".join(lines)
+
+
+def masking_eval_table(data: dict) -> str:
+    cols = ["masking", "ratio", "images_seen", "zero_shot_shape_acc", "zero_shot_color_acc", "retrieval_i2t_r1",
+            "retrieval_t2i_r1", "shape_acc_small", "shape_acc_large"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(run[c]) for c in cols) + " |" for run in data["runs"]]
+    return "\n".join(lines)
+
+
+RENDERERS = {"eval_tip": tip_table, "bench_masking": masking_bench_table, "bench_masking_b32": masking_bench_table,
+             "eval_masking": masking_eval_table}
 
 
 def render(name: str) -> str:
