@@ -1,0 +1,187 @@
+"""BLIP-2 stage 2 (ICML 2023, §3.3) and the ToyWorld pipeline: frozen features, soft prompts, losses, errors, CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from labkit import toyworld as tw
+from labkit.blip2_data import (
+    FrozenPatchEncoder,
+    Stage2Batches,
+    caption_attribute_hits,
+    new_text_lm,
+    parse_caption,
+    query_cross_attention,
+    render,
+    stage1_config,
+)
+from labkit.blip2_lm import Blip2Stage2, TextBatch, decoder_labels, lm_generate, lm_loss, new_lm, pack_left
+from labkit.clip import new_toy_clip
+from labkit.train import TrainConfig, fit
+
+
+@pytest.fixture(scope="module")
+def clip():
+    torch.manual_seed(0)
+    return new_toy_clip(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def encoder(clip):
+    return FrozenPatchEncoder(clip)
+
+
+def _images(n=3):
+    world = tw.ToyWorld("test", 0, n)
+    return render([world.scene(i) for i in range(n)])
+
+
+def _text():
+    return TextBatch.from_lists([[5, 6, 7], [8]], [[9, 10, 67], [11, 67]])
+
+
+def test_encoder_gives_second_to_last_layer_patch_tokens(clip, encoder):
+    images = _images(2)
+    seen = {}
+    block = clip.model.visual.transformer.resblocks[-2]
+    handle = block.register_forward_hook(lambda m, a, out: seen.__setitem__("x", out))
+    with torch.no_grad():
+        clip.model.visual(clip.prepare(images))
+    handle.remove()
+    feats = encoder(images)
+    assert feats.shape == (2, 64, 128) and len(encoder.blocks) == 3
+    assert torch.allclose(feats, seen["x"][:, 1:], atol=1e-5)
+    assert not any(p.requires_grad for p in encoder.parameters())
+
+
+@pytest.mark.parametrize("kind", ["opt", "t5"])
+def test_stage2_shapes_and_gradients_only_reach_projection_and_qformer(kind, encoder):
+    torch.manual_seed(0)
+    lm = new_text_lm(kind)
+    model = Blip2Stage2(stage1_config(), lm, image_encoder=encoder).train()
+    assert not model.lm.training and not encoder.training
+    images = _images(2)
+    prompts = model.prompts(images)
+    assert prompts.shape == (2, 16, lm.get_input_embeddings().embedding_dim)
+    loss = model(images, _text())
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is None for p in encoder.parameters()) and all(p.grad is None for p in lm.parameters())
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("qformer.", "proj.")) for n in trainable)
+    assert not any("word_embeddings" in n or "ffn_text" in n for n in trainable)  # text-only parts unused in stage 2
+    assert [n for n, p in trainable.items() if p.grad is None or not p.grad.abs().sum() > 0] == []
+    assert set(model.trainable_state()) == set(trainable)
+    out = model.generate(images, torch.tensor([[5], [5]]), torch.ones(2, 1, dtype=torch.bool), 3, eos_id=67)
+    assert out.shape == (2, 3)
+
+
+def test_loss_ignores_prompt_and_prefix_positions():
+    torch.manual_seed(0)
+    lm = new_text_lm("opt").eval()
+    text = _text()
+    prompts = torch.randn(2, 4, 128)
+    labels = decoder_labels(4, torch.tensor([[1, 2, 3]]), torch.tensor([[False, True, True]]))
+    assert labels.tolist() == [[-100] * 4 + [-100, 2, 3]]
+    # by hand: [prompts; prefix; suffix] packed per row, cross-entropy on the suffix tokens only
+    loss = lm_loss(lm, prompts, text)
+    total, count = 0.0, 0
+    for row in range(2):
+        pre, suf = text.prefix_ids[row][text.prefix_mask[row]], text.suffix_ids[row][text.suffix_mask[row]]
+        ids = torch.cat([pre, suf])
+        logits = lm(inputs_embeds=torch.cat([prompts[row:row + 1], lm.get_input_embeddings()(ids)[None]], 1)).logits[0]
+        start = 4 + len(pre)
+        total = total + F.cross_entropy(logits[start - 1: start - 1 + len(suf)], suf, reduction="sum")
+        count += len(suf)
+    assert torch.allclose(loss, total / count, atol=1e-5)
+    ids, mask, flag = pack_left(torch.tensor([[1, 0, 2, 3]]), torch.tensor([[True, False, True, True]]),
+                                torch.tensor([[0, 0, 1, 1]]))
+    assert ids.tolist() == [[1, 2, 3, 0]] and mask.tolist() == [[True, True, True, False]] and flag.tolist() == [[0, 1, 1, 0]]
+
+
+def test_t5_puts_prompts_and_prefix_in_the_encoder():
+    torch.manual_seed(0)
+    lm = new_text_lm("t5").eval()
+    text, prompts = _text(), torch.randn(2, 4, 128)
+    loss = lm_loss(lm, prompts, text)
+    embeds = torch.cat([prompts, lm.get_input_embeddings()(text.prefix_ids)], 1)
+    enc_mask = torch.cat([torch.ones(2, 4, dtype=torch.long), text.prefix_mask.long()], 1)
+    ref = lm(inputs_embeds=embeds, attention_mask=enc_mask, labels=text.suffix_ids.masked_fill(~text.suffix_mask, -100)).loss
+    assert torch.allclose(loss, ref)
+    assert not torch.allclose(loss, lm_loss(lm, prompts + 1, text))  # the decoder reads the prompts
+    out = lm_generate(lm, prompts, text.prefix_ids, text.prefix_mask, 3, eos_id=67)
+    assert out.shape == (2, 3)
+
+
+def test_bad_inputs_raise_value_errors(encoder):
+    with pytest.raises(ValueError, match="unknown language-model kind 'gpt'.*opt, t5"):
+        new_lm("gpt", 68, 0, 1, 67)
+    lm = new_text_lm("opt")
+    model = Blip2Stage2(stage1_config(), lm)
+    with pytest.raises(ValueError, match=r"\[batch, tokens, 128\].*got \(2, 64, 96\)"):
+        model(torch.randn(2, 64, 96), _text())
+    long = TextBatch.from_lists([[5] * 50, [5]], [[6] * 10, [6]])  # 16 prompts + 50 > 64
+    with pytest.raises(ValueError, match="longer than the LM context of 64"):
+        model(torch.randn(2, 64, 128), long)
+    t5 = Blip2Stage2(stage1_config(), new_text_lm("t5"))
+    with pytest.raises(ValueError, match="longer than the LM context of 64"):
+        t5(torch.randn(2, 64, 128), long)
+    with pytest.raises(ValueError, match="soft prompts have width 32"):
+        lm_loss(lm, torch.randn(2, 4, 32), _text())
+
+
+def test_a_few_training_steps_reduce_the_loss(encoder):
+    torch.manual_seed(0)
+    model = Blip2Stage2(stage1_config(), new_text_lm("opt"))
+    batch, n = Stage2Batches(encoder, batch_size=8)(0)
+    record = fit(model, lambda m, b: m(*b), lambda step, rank, world: (batch, n),
+                 TrainConfig(steps=25, lr=3e-3, warmup=0.0), device=torch.device("cpu"), progress=False)
+    losses = [h["loss"] for h in record["history"]]
+    assert losses[-1] < losses[0] - 0.2, losses  # the LM is frozen (and random): the drop comes from the prompts alone
+
+
+def test_caption_parsing_and_attribute_accuracy():
+    scene = tw.ToyWorld("test", 0, 50, objects=(3, 3)).scene(0)
+    rng = np.random.default_rng(0)
+    assert caption_attribute_hits(scene, scene.caption()) == (3, 3)
+    assert caption_attribute_hits(scene, scene.caption(rng)) == (3, 3)  # synonyms, templates, random order
+    o = scene.objects[0]
+    wrong_color = next(c for c in tw.COLORS if c != o.color)
+    assert caption_attribute_hits(scene, scene.caption().replace(f"{o.color} {o.shape}", f"{wrong_color} {o.shape}", 1))[0] == 2
+    assert parse_caption("three objects: a big red star in the upper left and a tiny blue ring on the middle") == [
+        ("star", "red", "top left"), ("ring", "blue", "center")]
+
+
+def test_query_cross_attention_maps(encoder):
+    from labkit.qformer import QFormer
+
+    maps = query_cross_attention(QFormer(stage1_config()).eval(), encoder(_images(2)))
+    assert maps.shape == (2, 16, 8, 8)
+    assert torch.allclose(maps.sum(dim=(-1, -2)), torch.ones(2, 16), atol=1e-5)
+    with pytest.raises(ValueError, match="no cross-attention"):
+        query_cross_attention(QFormer(stage1_config()), encoder(_images(1)), layer=1)
+
+
+def test_cli_train_and_eval_qformer_json(tmp_path, clip, capsys):
+    from labkit.cli import main
+    from labkit.models import save_local_dir
+
+    save_local_dir(clip.model, clip.config, tmp_path / "clip")
+    common = ["--assets", str(tmp_path / "blip2"), "--batch-size", "8"]
+    assert main(["train", "qformer", "--stage", "2", "--lm", "gpt", *common]) == 2
+    assert "unknown language-model kind 'gpt'" in capsys.readouterr().err
+    assert main(["train", "qformer", "--stage", "lm", "--lm", "opt", *common, "--json"]) == 0
+    clip_arg = ["--clip", f"local-dir:{tmp_path / 'clip'}"]
+    assert main(["train", "qformer", "--stage", "1", *clip_arg, *common, "--json"]) == 0
+    assert main(["train", "qformer", "--stage", "2", "--lm", "opt", *clip_arg, *common, "--json"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "qformer", *clip_arg, "--assets", str(tmp_path / "blip2"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    keys = {"trainable_params", "frozen_params", "trainable_fraction", "caption_attribute_accuracy", "vqa_accuracy",
+            "itc_i2t_r1", "hf_equivalence_max_abs_diff"}
+    assert keys <= result.keys()
+    assert result["hf_equivalence_max_abs_diff"] <= 1e-5 and 0 < result["trainable_fraction"] <= 0.5
+    assert sorted((tmp_path / "blip2").iterdir()) == [tmp_path / "blip2" / d for d in ("lm_opt", "stage1", "stage2_opt")]
