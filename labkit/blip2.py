@@ -33,6 +33,14 @@ from .qformer import QFormer, QFormerConfig, load_hf_qformer
 __all__ = ["Blip2Stage1", "Stage1Output", "itc_similarity", "itc_loss", "sample_hard_negatives", "load_hf_stage1"]
 
 
+def frozen_image_features(image_encoder: nn.Module | None, images: torch.Tensor) -> torch.Tensor:
+    """Features of the frozen image encoder, computed without gradients (``None``: ``images`` are features)."""
+    if image_encoder is None:
+        return images
+    with torch.no_grad():
+        return image_encoder(images)
+
+
 def itc_similarity(query_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
     """Image-text similarity ``[B_img, B_txt]``: max over queries of ``query_emb[i, q] · text_emb[j]`` (§3.2, ITC).
 
@@ -127,10 +135,7 @@ class Blip2Stage1(nn.Module):
         return self
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        if self.image_encoder is None:
-            return images
-        with torch.no_grad():
-            return self.image_encoder(images)
+        return frozen_image_features(self.image_encoder, images)
 
     def _project(self, out) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """L2-normalised ITC embeddings: every query output ``[B, Q, E]`` and the text [CLS] output ``[B, E]``."""

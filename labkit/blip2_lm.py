@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .blip2 import frozen_image_features
 from .qformer import QFormer, QFormerConfig
 
 __all__ = ["LM_KINDS", "TextBatch", "new_lm", "lm_hidden", "Blip2Stage2", "lm_loss", "lm_generate", "pack_left",
@@ -237,10 +238,7 @@ class Blip2Stage2(nn.Module):
         return self
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        if self.image_encoder is None:
-            return images
-        with torch.no_grad():
-            return self.image_encoder(images)
+        return frozen_image_features(self.image_encoder, images)
 
     def prompts(self, images: torch.Tensor) -> torch.Tensor:
         """Soft visual prompts ``[B, Q, LM hidden]``: projected query outputs."""
