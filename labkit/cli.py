@@ -71,23 +71,8 @@ def cmd_eval_tip(args) -> dict:
     return evaluate_tip(load_clip(args.model), tasks, shots, n_val, n_test, views, epochs, repeats)
 
 
-def _app_module(name: str):
-    """Import ``app.<name>``; from a source checkout whose editable install predates app/, via the repo root."""
-    import importlib
-    from pathlib import Path
-
-    try:
-        return importlib.import_module(f"app.{name}")
-    except ModuleNotFoundError as e:
-        root = Path(__file__).resolve().parents[1]
-        if e.name != "app" or not (root / "app" / "main.py").is_file():
-            raise
-        sys.path.insert(0, str(root))
-        return importlib.import_module(f"app.{name}")
-
-
 def cmd_bench_app(args) -> dict:
-    bench_app = _app_module("bench").bench_app
+    from app.bench import bench_app
 
     n = min(args.n_requests, 40) if fast_mode() else args.n_requests
     return bench_app(n_requests=n, n_clients=args.clients, model=args.model)
@@ -191,7 +176,9 @@ def cmd_eval_qformer(args) -> dict:
 
 
 def cmd_app(args) -> dict:
-    _app_module("main").launch(host=args.host, port=args.port, model=args.model)
+    from app.main import launch
+
+    launch(host=args.host, port=args.port, model=args.model)
     return {}
 
 

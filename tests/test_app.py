@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,13 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-try:
-    import app.main  # noqa: F401
-except ImportError:  # an editable install made before app/ existed does not map it
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from app import main as m  # noqa: E402
-from labkit import tipadapter as tip  # noqa: E402
+from app import main as m
+from labkit import tipadapter as tip
 
 RED, BLUE, GREEN = (220, 30, 30), (30, 40, 220), (30, 200, 60)
 

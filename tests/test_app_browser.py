@@ -4,12 +4,13 @@ build the cache, classify a query, move alpha, check the labels shown, save a sc
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+
+from app import main as m
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -17,13 +18,6 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
         "--disable-component-update", "--no-first-run"]
 
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is absent (apt install chromium)")
-
-try:
-    import app.main  # noqa: F401
-except ImportError:  # an editable install made before app/ existed does not map it
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from app import main as m  # noqa: E402
 
 
 @pytest.fixture(scope="module")
