@@ -175,6 +175,60 @@ def cmd_eval_qformer(args) -> dict:
             "hf_equivalence_max_abs_diff": hf_equivalence_max_abs_diff(), "n_scenes": n, "n_itc": n_itc}
 
 
+def _command_line() -> str:
+    return "labkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def cmd_train_vlm(args) -> dict:
+    """EfficientVLM on ToyWorld: ``teacher`` (from the toy CLIP), ``student`` (distilled), ``pruned`` (L0 gates)."""
+    from .efficient_eval import efficient_assets_dir, eval_scenes, evaluate_vlm
+    from .models import load_clip
+    from .vlm import load_vlm, save_vlm
+    from .vlm_train import prune_student, train_student, train_teacher
+
+    assets = efficient_assets_dir()
+    steps, n = (min(args.steps, 3), 50) if fast_mode() else (args.steps, args.eval_n)
+    clip = load_clip(args.clip)
+    check = eval_scenes(clip, n, split="val")
+    evaluate = lambda model: evaluate_vlm(model, check)  # noqa: E731
+    started = time.perf_counter()
+    common = dict(batch_size=args.batch_size, seed=args.seed, progress=not args.json)
+    if args.what == "teacher":
+        model, record = train_teacher(clip, steps, lr=args.lr, evaluate=evaluate, **common)
+    else:
+        teacher = load_vlm(args.teacher or assets / "teacher", clip.device)
+        if args.what == "student":
+            model, record = train_student(teacher, clip, steps, lr=args.lr, evaluate=evaluate, **common)
+        else:
+            student = load_vlm(args.student or assets / "student", clip.device)
+            model, record = prune_student(student, teacher, clip, args.target, steps, lr=args.lr, **common)
+            record["evals"] = [evaluate(model)]
+    wall = time.perf_counter() - started
+    out = args.out or assets / args.what
+    meta = {"command": _command_line(), "steps": record["steps"], "wall_seconds": round(wall, 1),
+            "device": str(clip.device), "val": record["evals"][-1],
+            "curve": [{k: v for k, v in h.items() if isinstance(v, float | int)} for h in record["history"]]}
+    if args.what == "pruned":
+        meta.update(target=args.target, sparsity_by_modality=record["sparsity_by_modality"])
+    save_vlm(model, out, extra=meta)
+    return {"out": str(out), "steps": record["steps"], "wall_seconds": round(wall, 1), **record["evals"][-1]}
+
+
+def cmd_eval_efficient(args) -> dict:
+    from .efficient_eval import efficient_assets_dir, eval_efficient
+    from .models import load_clip
+    from .vlm import load_vlm
+
+    assets, clip = efficient_assets_dir(), load_clip(args.clip)
+    models = [load_vlm(getattr(args, w) or assets / w, clip.device) for w in ("teacher", "student", "pruned")]
+    targets = tuple(float(t) for t in args.sweep.split(",") if t.strip())
+    n, steps, repeats = (60, 2, 2) if fast_mode() else (args.n, args.sweep_steps, args.repeats)
+    result = eval_efficient(clip, *models, sweep_targets=targets, sweep_steps=steps, n=n, bench_batch=args.bench_batch,
+                            repeats=repeats, progress=not args.json)
+    _save_json(result, args.save)
+    return result
+
+
 def cmd_app(args) -> dict:
     from app.main import launch
 
@@ -259,6 +313,24 @@ def build_parser() -> argparse.ArgumentParser:
                        help="open_clip_train with labkit masking: labkit openclip-train --masking M --mask-ratio R -- ...")
     p.add_argument("openclip_argv", nargs=argparse.REMAINDER)  # dispatched in main() before parsing
 
+    for what, steps, lr, text in (("teacher", 900, 2e-4, "EfficientVLM teacher: X-VLM-style VLM from the toy CLIP towers"),
+                                  ("student", 600, 2e-4, "EfficientVLM student: half the layers, distilled from the teacher"),
+                                  ("pruned", 600, 1e-4, "EfficientVLM: modal-adaptive L0 pruning of the student")):
+        p = train.add_parser(what, help=text)
+        p.add_argument("--steps", type=int, default=steps)
+        p.add_argument("--batch-size", type=int, default=64)
+        p.add_argument("--lr", type=float, default=lr)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--clip", default="toy", help="CLIP for preprocessing, tokenizer and (teacher) initial towers")
+        p.add_argument("--eval-n", type=int, default=500, help="validation scenes evaluated during training")
+        p.add_argument("--out", default=None, help="checkpoint folder (default: the shipped labkit/assets/efficient/...)")
+        if what != "teacher":
+            p.add_argument("--teacher", default=None, help="teacher checkpoint (default: the shipped one)")
+        if what == "pruned":
+            p.add_argument("--student", default=None, help="student checkpoint (default: the shipped one)")
+            p.add_argument("--target", type=float, default=0.5, help="global target sparsity in [0, 1)")
+        p.set_defaults(func=cmd_train_vlm)
+
     p = train.add_parser("qformer", help="BLIP-2 on ToyWorld: --stage lm (text-only LM), 1, or 2 --lm {opt,t5}")
     p.add_argument("--stage", default="1", help="lm: pretrain the frozen LM on text; 1: ITC+ITM+ITG; 2: soft prompts into the LM")
     p.add_argument("--lm", default="opt", help="language model for --stage lm/2: opt (decoder-only) or t5 (encoder-decoder)")
@@ -280,6 +352,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", default="toy")
     p.add_argument("--assets", default=None)
     p.set_defaults(func=cmd_eval_qformer)
+
+    p = evaluate.add_parser("efficient", help="EfficientVLM: sizes, speedup and retention of student and pruned model")
+    for what in ("teacher", "student", "pruned"):
+        p.add_argument(f"--{what}", default=None, help=f"{what} checkpoint (default: the shipped one)")
+    p.add_argument("--clip", default="toy")
+    p.add_argument("--n", type=int, default=1000, help="held-out test scenes")
+    p.add_argument("--sweep", default="0.3,0.5,0.7", help="comma-separated target sparsities pruned afresh")
+    p.add_argument("--sweep-steps", type=int, default=300, help="pruning steps per sweep point")
+    p.add_argument("--bench-batch", type=int, default=128, help="image-caption pairs per timed inference")
+    p.add_argument("--repeats", type=int, default=15, help="timed repeats (median) after 3 warm-up runs")
+    p.add_argument("--save", default=None, help="also write the JSON result to this file")
+    p.set_defaults(func=cmd_eval_efficient)
 
     p = sub.add_parser("app", help="the Tip-Adapter web demo")
     p.add_argument("--host", default="127.0.0.1")

@@ -65,8 +65,10 @@ class MultiHeadAttention(nn.Module):
     from features of width ``kv_dim`` (e.g. frozen image features in the Q-Former, BLIP-2 §3.1).
     ``forward(x, kv=None, mask=None, head_gate=None, need_weights=False) -> (out [B, Lq, dim], probs | None)``
     with ``mask`` boolean and broadcastable to ``[B, H, Lq, Lk]`` (True = may attend) and ``probs``
-    of shape ``[B, H, Lq, Lk]``. ``head_gate`` ([H]) scales each head's context
-    before the output projection: the hook for EfficientVLM's hard-concrete L0 gates.
+    of shape ``[B, H, Lq, Lk]``; ``need_scores=True`` returns the pre-softmax scores instead
+    (masked positions set to 0), which EfficientVLM's attention distillation compares.
+    ``head_gate`` ([H]) scales each head's context before the output projection: the hook for
+    EfficientVLM's hard-concrete L0 gates.
     """
 
     def __init__(self, dim: int, heads: int, kv_dim: int | None = None, head_dim: int | None = None,
@@ -90,21 +92,23 @@ class MultiHeadAttention(nn.Module):
         return t.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                head_gate: torch.Tensor | None = None, need_weights: bool = False):
+                head_gate: torch.Tensor | None = None, need_weights: bool = False, need_scores: bool = False):
         kv = x if kv is None else kv
         if kv.shape[-1] != self.kv_dim:
             raise ValueError(f"key/value features have width {kv.shape[-1]}, expected {self.kv_dim}")
         q, k, v = self._split(self.query(x)), self._split(self.key(kv)), self._split(self.value(kv))
         bias = additive_mask(mask, q.dtype)
         if self.heads == 0:  # every head pruned: the block reduces to the output bias
-            probs = q.new_zeros(x.shape[0], 0, x.shape[1], kv.shape[1]) if need_weights else None
+            probs = q.new_zeros(x.shape[0], 0, x.shape[1], kv.shape[1]) if need_weights or need_scores else None
             return self.out(q.transpose(1, 2).flatten(2)), probs
         dropout = self.attn_dropout if self.training else 0.0
         probs = None
-        if need_weights:
+        if need_weights or need_scores:
             scores = (q @ k.transpose(-1, -2)) * self.scale
             probs = torch.softmax(scores if bias is None else scores + bias, dim=-1)
             context = F.dropout(probs, dropout, self.training) @ v
+            if need_scores:  # EfficientVLM distils raw scores, with masked positions zeroed
+                probs = scores if mask is None else scores.masked_fill(~mask, 0.0)
         else:
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=self.scale)
         if head_gate is not None:
@@ -125,19 +129,30 @@ class MultiHeadAttention(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """BERT post-LN attention block: ``LayerNorm(x + dropout(MHA(x, kv)))`` (BertAttention = self + output)."""
+    """BERT post-LN attention block: ``LayerNorm(x + dropout(MHA(x, kv)))`` (BertAttention = self + output).
+
+    ``pre_norm=True`` gives the GPT-2/CLIP layout ``x + dropout(MHA(LayerNorm(x), kv))`` instead
+    (keys and values of cross-attention are used as given).
+    """
 
     def __init__(self, dim: int, heads: int, kv_dim: int | None = None, dropout: float = 0.0,
-                 attn_dropout: float = 0.0, eps: float = 1e-12):
+                 attn_dropout: float = 0.0, eps: float = 1e-12, pre_norm: bool = False):
         super().__init__()
         self.attn = MultiHeadAttention(dim, heads, kv_dim=kv_dim, attn_dropout=attn_dropout)
         self.dropout = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(dim, eps=eps)
+        self.pre_norm = pre_norm
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                head_gate: torch.Tensor | None = None, need_weights: bool = False):
-        """Returns ``(hidden [B, Lq, dim], probs [B, H, Lq, Lk] | None)``."""
-        out, probs = self.attn(x, kv=kv, mask=mask, head_gate=head_gate, need_weights=need_weights)
+                head_gate: torch.Tensor | None = None, need_weights: bool = False, need_scores: bool = False):
+        """Returns ``(hidden [B, Lq, dim], probs or scores [B, H, Lq, Lk] | None)``."""
+        if self.pre_norm:
+            h = self.norm(x)
+            out, probs = self.attn(h, kv=h if kv is None else kv, mask=mask, head_gate=head_gate,
+                                   need_weights=need_weights, need_scores=need_scores)
+            return x + self.dropout(out), probs
+        out, probs = self.attn(x, kv=kv, mask=mask, head_gate=head_gate, need_weights=need_weights,
+                               need_scores=need_scores)
         return self.norm(x + self.dropout(out)), probs
 
     def prune_heads(self, keep) -> None:
@@ -149,26 +164,29 @@ class FeedForwardBlock(nn.Module):
 
     ``unit_gate`` ([intermediate]) scales each hidden unit (EfficientVLM's FFN L0 gates);
     ``prune_units(keep)`` removes units by shrinking ``dense_in`` rows and ``dense_out`` columns.
+    ``pre_norm=True``: ``x + dropout(dense_out(GELU(dense_in(LayerNorm(x)))))`` (CLIP's MLP).
     """
 
-    def __init__(self, dim: int, intermediate: int, dropout: float = 0.0, eps: float = 1e-12):
+    def __init__(self, dim: int, intermediate: int, dropout: float = 0.0, eps: float = 1e-12, pre_norm: bool = False):
         super().__init__()
         self.dense_in = nn.Linear(dim, intermediate)
         self.dense_out = nn.Linear(intermediate, dim)
         self.dropout = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(dim, eps=eps)
+        self.pre_norm = pre_norm
 
     @property
     def units(self) -> int:
         return self.dense_in.out_features
 
     def forward(self, x: torch.Tensor, unit_gate: torch.Tensor | None = None) -> torch.Tensor:
-        h = F.gelu(self.dense_in(x))
+        h = F.gelu(self.dense_in(self.norm(x) if self.pre_norm else x))
         if unit_gate is not None:
             if unit_gate.shape != (self.units,):
                 raise ValueError(f"unit_gate must have shape ({self.units},), got {tuple(unit_gate.shape)}")
             h = h * unit_gate.to(h.dtype)
-        return self.norm(x + self.dropout(self.dense_out(h)))
+        out = x + self.dropout(self.dense_out(h))
+        return out if self.pre_norm else self.norm(out)
 
     @torch.no_grad()
     def prune_units(self, keep) -> None:

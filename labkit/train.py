@@ -149,8 +149,13 @@ def has_checkpoint(out_dir: str | os.PathLike | None) -> bool:
 
 def fit(model: nn.Module, loss_fn: Callable, make_batch: Callable[[int, int, int], tuple[object, int]],
         cfg: TrainConfig, evaluate: Callable[[nn.Module], dict] | None = None,
-        device: torch.device | None = None, progress: bool = True) -> dict:
-    """Train ``model`` in place; returns ``{"history": [...], "evals": [...], "steps": n, "seconds": s}``."""
+        device: torch.device | None = None, progress: bool = True, groups: list[dict] | None = None) -> dict:
+    """Train ``model`` in place; returns ``{"history": [...], "evals": [...], "steps": n, "seconds": s}``.
+
+    ``groups`` overrides the AdamW parameter groups (default: :func:`param_groups`); a group may
+    set its own ``lr`` (scaled by the same schedule) or ``maximize=True`` (gradient ascent, e.g.
+    the Lagrange multipliers of EfficientVLM's pruning).
+    """
     rank, world = distributed_context()
     if device is None:
         device = get_device()
@@ -158,7 +163,10 @@ def fit(model: nn.Module, loss_fn: Callable, make_batch: Callable[[int, int, int
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     seed_everything(cfg.seed)
     model.to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    groups = groups if groups is not None else param_groups(model, cfg.weight_decay)
+    for group in groups:
+        group["base_lr"] = group.get("lr", cfg.lr)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     start = 0
     if cfg.resume and has_checkpoint(cfg.out_dir):
         start = load_checkpoint(cfg.out_dir, model, optimizer)
@@ -173,7 +181,7 @@ def fit(model: nn.Module, loss_fn: Callable, make_batch: Callable[[int, int, int
         model.train()
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * schedule(step)
+            group["lr"] = group["base_lr"] * schedule(step)
         batch, n_images = make_batch(step, rank, world)
         with autocast(device):
             out = loss_fn(train_model, batch)

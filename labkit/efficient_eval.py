@@ -1,0 +1,158 @@
+"""Measuring EfficientVLM on ToyWorld: accuracy (ITM, zero-shot retrieval), size and real inference speed."""
+
+from __future__ import annotations
+
+import time
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import toyworld as tw
+from .models import ClipModel
+from .vlm import PAD_ID, ToyVLM, load_vlm
+
+__all__ = ["trim_padding", "eval_scenes", "evaluate_vlm", "count_params", "inference_speedup", "efficient_assets_dir",
+           "load_efficient"]
+
+
+def efficient_assets_dir() -> Path:
+    return Path(str(resources.files("labkit") / "assets" / "efficient"))
+
+
+def load_efficient(which: str, device=None) -> ToyVLM:
+    """A shipped EfficientVLM checkpoint: ``teacher``, ``student`` or ``pruned``."""
+    if which not in ("teacher", "student", "pruned"):
+        raise ValueError(f"unknown EfficientVLM checkpoint {which!r}; accepted: teacher, student, pruned")
+    return load_vlm(efficient_assets_dir() / which, device)
+
+
+def trim_padding(ids: torch.Tensor) -> torch.Tensor:
+    """Drop the padding columns every caption in the batch shares (attention cost grows with length)."""
+    length = int((ids != PAD_ID).sum(1).max())
+    return ids[:, :length]
+
+
+def eval_scenes(clip: ClipModel, n: int = 1000, split: str = "test", seed: int = 0):
+    """``n`` held-out scenes with 2-3 objects: images, canonical captions, and a hard negative caption each
+    (the same scene with different shapes: colours, sizes and positions all match)."""
+    world = tw.ToyWorld(split, seed, n, objects=(2, 3), canonical_captions=True)
+    scenes = [world.scene(i) for i in range(n)]
+    negatives = [world.hard_negative_group(i, 2)[1] for i in range(n)]
+    images = clip.prepare(torch.from_numpy(np.stack([s.render() for s in scenes])).permute(0, 3, 1, 2))
+    return images, clip.tokenize([s.caption() for s in scenes]), clip.tokenize([s.caption() for s in negatives])
+
+
+@torch.no_grad()
+def evaluate_vlm(model: ToyVLM, data, batch_size: int = 250) -> dict:
+    """ITM accuracy on positives + hard negatives, and ITC zero-shot retrieval R@1 (mean of i2t and t2i)."""
+    images, captions, negatives = data
+    model.eval()
+    device = next(model.parameters()).device
+    image_emb, text_emb, correct = [], [], 0
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].to(device)
+        pos = trim_padding(captions[i:i + batch_size]).to(device)
+        neg = trim_padding(negatives[i:i + batch_size]).to(device)
+        image = model.encode_image(x)
+        text_pos, text_neg = model.encode_text(pos), model.encode_text(neg)
+        image_emb.append(model.image_embedding(image))
+        text_emb.append(model.text_embedding(text_pos, pos))
+        for text, ids, label in ((text_pos, pos, 1), (text_neg, neg, 0)):
+            pred = model.itm_logits(model.fuse(text.states, ids, image.states)).argmax(-1)
+            correct += int((pred == label).sum())
+    sim = torch.cat(image_emb) @ torch.cat(text_emb).T
+    target = torch.arange(len(sim), device=sim.device)
+    i2t = float((sim.argmax(1) == target).float().mean())
+    t2i = float((sim.argmax(0) == target).float().mean())
+    return {"itm_accuracy": correct / (2 * len(images)), "retrieval_i2t_r1": i2t, "retrieval_t2i_r1": t2i,
+            "retrieval_r1": (i2t + t2i) / 2}
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def inference_speedup(baseline: ToyVLM, candidates: dict[str, ToyVLM], images: torch.Tensor, ids: torch.Tensor,
+                      repeats: int = 15, warmup: int = 3) -> dict:
+    """Median time of ``match_scores`` (all three encoders) per model, measured interleaved in one process.
+
+    Returns ``{"baseline_ms": ..., name: {"ms": ..., "speedup": baseline / name}}``.
+    """
+    ids = trim_padding(ids)
+    models = {"baseline": baseline, **candidates}
+    times = {name: [] for name in models}
+    for r in range(warmup + repeats):
+        for name, model in models.items():
+            model.eval()
+            device = next(model.parameters()).device
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            model.match_scores(images.to(device), ids.to(device))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    base = float(np.median(times["baseline"]))
+    return {"baseline_ms": 1000 * base,
+            **{name: {"ms": 1000 * float(np.median(times[name])), "speedup": base / float(np.median(times[name]))}
+               for name in candidates}}
+
+
+def eval_efficient(clip: ClipModel, teacher: ToyVLM, student: ToyVLM, pruned: ToyVLM, sweep_targets=(0.3, 0.5, 0.7),
+                   sweep_steps: int = 300, n: int = 1000, bench_batch: int = 128, repeats: int = 15,
+                   seed: int = 0, progress: bool = True) -> dict:
+    """Sizes, speedup over the teacher, retention and per-modality sparsity; plus a sweep of pruning targets.
+
+    Accuracy is measured on ``n`` held-out test scenes; speed as the median time of ``match_scores``
+    on ``bench_batch`` pairs, all models interleaved in this process. Each sweep point prunes the
+    student afresh for ``sweep_steps`` steps.
+    """
+    from .efficient import Gates
+    from .vlm_train import prune_student
+
+    data = eval_scenes(clip, n)
+    metrics = {name: evaluate_vlm(m, data) for name, m in (("teacher", teacher), ("student", student), ("pruned", pruned))}
+    sweep_models, sweep_records = {}, {}
+    for target in sweep_targets:
+        model, record = prune_student(student, teacher, clip, target, sweep_steps, seed=seed, progress=progress)
+        sweep_models[f"target_{target}"], sweep_records[target] = model, record
+        metrics[f"target_{target}"] = evaluate_vlm(model, data)
+    images, captions = data[0][:bench_batch], data[1][:bench_batch]
+    speed = inference_speedup(teacher, {"student": student, "pruned": pruned, **sweep_models}, images, captions, repeats)
+
+    def retention(name: str, key: str) -> float:
+        return metrics[name][key] / metrics["teacher"][key]
+
+    def sparsity(model: ToyVLM) -> dict:
+        full = Gates(student).total_params()
+        kept = Gates(model).total_params()
+        return {m: 1 - kept[m] / full[m] for m in full}
+
+    sweep = [{"target": t, "realised_sparsity": 1 - sum(Gates(sweep_models[f"target_{t}"]).total_params().values())
+              / sum(Gates(student).total_params().values()),
+              "params": count_params(sweep_models[f"target_{t}"]), "speedup": speed[f"target_{t}"]["speedup"],
+              "retention_itm": retention(f"target_{t}", "itm_accuracy"),
+              "retention_retrieval": retention(f"target_{t}", "retrieval_r1"),
+              "sparsity_by_modality": sparsity(sweep_models[f"target_{t}"]), **metrics[f"target_{t}"]}
+             for t in sweep_targets]
+    return {
+        "teacher_params": count_params(teacher), "student_params": count_params(student),
+        "pruned_params": count_params(pruned), "pruned_target": pruned_target(pruned),
+        "speedup": speed["pruned"]["speedup"], "student_speedup": speed["student"]["speedup"],
+        "teacher_ms": speed["baseline_ms"], "pruned_ms": speed["pruned"]["ms"], "bench_batch": bench_batch,
+        "retention_itm": retention("pruned", "itm_accuracy"), "retention_retrieval": retention("pruned", "retrieval_r1"),
+        "student_retention_itm": retention("student", "itm_accuracy"),
+        "student_retention_retrieval": retention("student", "retrieval_r1"),
+        "sparsity_by_modality": sparsity(pruned),
+        "metrics": metrics, "sweep": sweep, "sweep_steps": sweep_steps, "n_scenes": n,
+        "device": str(next(teacher.parameters()).device),
+    }
+
+
+def pruned_target(model: ToyVLM) -> float | None:
+    """The target a shipped pruned checkpoint was trained for (from its saved metadata), if known."""
+    return getattr(model, "meta", {}).get("target")

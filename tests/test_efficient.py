@@ -1,0 +1,195 @@
+"""EfficientVLM: gate maths, the layer map, the Lagrangian, finalize equivalence, gradient flow, bad input."""
+
+import math
+
+import pytest
+import torch
+
+from labkit import efficient as eff
+from labkit.models import load_clip
+from labkit.vlm import ToyVLM, VLMConfig, load_vlm, save_vlm
+from labkit.vlm_train import PruningModel, VLMBatches, distillation_loss, make_student, sample_negatives
+
+TINY = dict(width=32, heads=4, intermediate=16, vision_layers=2, text_layers=2, fusion_layers=2, embed_dim=16)
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return load_clip("toy", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def batch(clip):
+    return VLMBatches(clip, batch_size=8)(0)[0]
+
+
+def tiny_vlm(seed=0, **overrides) -> ToyVLM:
+    torch.manual_seed(seed)
+    return ToyVLM(VLMConfig(**{**TINY, **overrides})).eval()
+
+
+# ---------------------------------------------------------------- hard-concrete gates
+
+def test_hard_concrete_sample_lies_in_unit_interval_with_exact_zeros_and_ones():
+    log_alpha = torch.linspace(-6, 6, 13).repeat(2000)
+    z = eff.hard_concrete_sample(log_alpha)
+    assert z.min() >= 0 and z.max() <= 1
+    assert (z == 0).any() and (z == 1).any(), "the stretch to (gamma, zeta) then clamp must give exact 0s and 1s"
+    u = torch.full((3,), 0.5)
+    expected = (torch.sigmoid(torch.tensor([-1.0, 0.0, 1.0]) / eff.BETA) * (eff.ZETA - eff.GAMMA) + eff.GAMMA).clamp(0, 1)
+    assert torch.allclose(eff.hard_concrete_sample(torch.tensor([-1.0, 0.0, 1.0]), u), expected)
+
+
+@pytest.mark.parametrize("log_alpha", [-3.0, -0.5, 0.0, 1.0, 3.0])
+def test_expected_l0_matches_monte_carlo(log_alpha):
+    torch.manual_seed(0)
+    samples = eff.hard_concrete_sample(torch.full((200_000,), log_alpha))
+    monte_carlo = (samples > 0).float().mean().item()
+    assert eff.expected_l0(torch.tensor(log_alpha)).item() == pytest.approx(monte_carlo, abs=0.005)
+
+
+def test_deterministic_gate_is_louizos_test_time_estimator():
+    a = torch.tensor([-10.0, 0.0, 10.0])
+    assert eff.deterministic_gate(a).tolist() == pytest.approx([0.0, 0.5, 1.0])
+
+
+# ---------------------------------------------------------------- layer map
+
+def test_layer_map_matches_efficientvlm():
+    hidden, attention = eff.layer_map(12, 6)  # X-VLM's 12-layer ViT -> 6
+    assert hidden == [0, 2, 4, 6, 8, 10, 12] and attention == [1, 3, 5, 7, 9, 11]
+    assert eff.layer_map(4, 2) == ([0, 2, 4], [1, 3])
+    assert eff.layer_map(3, 3) == ([0, 1, 2, 3], [0, 1, 2])
+    with pytest.raises(ValueError, match="does not fit"):
+        eff.layer_map(4, 3)
+
+
+def test_student_that_does_not_fit_the_layer_map_is_rejected():
+    with pytest.raises(ValueError, match="not divisible"):
+        make_student(tiny_vlm(vision_layers=3))
+
+
+def test_student_is_initialised_from_the_mapped_teacher_layers():
+    teacher = tiny_vlm(vision_layers=4)
+    student = make_student(teacher)
+    assert [student.cfg.layers(m) for m in ("vision", "text", "fusion")] == [2, 1, 1]
+    for i, t in enumerate(eff.layer_map(4, 2)[1]):
+        assert torch.equal(student.encoders["vision"][i].ffn.dense_in.weight, teacher.encoders["vision"][t].ffn.dense_in.weight)
+    assert torch.equal(student.itm_head.weight, teacher.itm_head.weight)
+
+
+def test_unknown_modality_and_bad_target_are_rejected():
+    with pytest.raises(ValueError, match="unknown modality"):
+        VLMConfig().layers("audio")
+    for bad in (-0.1, 1.0, 1.5):
+        with pytest.raises(ValueError, match=r"\[0, 1\)"):
+            eff.check_target(bad)
+
+
+# ---------------------------------------------------------------- the toy VLM
+
+def test_towers_initialised_from_toy_clip_reproduce_open_clip(clip, batch):
+    images, ids = batch[0], batch[1]
+    vlm = ToyVLM.from_toy_clip(clip.model, VLMConfig(text_layers=3)).eval()
+    with torch.no_grad():
+        image = vlm.image_embedding(vlm.encode_image(images))
+        text = vlm.text_embedding(vlm.encode_text(ids), ids)
+        ref_image = torch.nn.functional.normalize(clip.model.encode_image(images), dim=-1)
+        full_length = torch.nn.functional.pad(ids, (0, 32 - ids.shape[1]))  # open_clip needs the whole context
+        ref_text = torch.nn.functional.normalize(clip.model.encode_text(full_length), dim=-1)
+    assert (image - ref_image).abs().max() < 1e-5 and (text - ref_text).abs().max() < 1e-5
+
+
+def test_bad_inputs_to_the_vlm_raise(clip):
+    vlm = tiny_vlm()
+    with pytest.raises(ValueError, match="images must be"):
+        vlm.encode_image(torch.zeros(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="L <= 32"):
+        vlm.encode_text(torch.ones(2, 40, dtype=torch.long))
+
+
+def test_hard_negatives_never_pick_the_positive_or_an_identical_caption():
+    torch.manual_seed(0)
+    ids = torch.tensor([[1, 5, 9], [1, 5, 9], [1, 6, 9], [1, 7, 9]])
+    sim = torch.eye(4) * 50 + torch.randn(4, 4)
+    for _ in range(50):
+        neg_text, neg_image = sample_negatives(sim, ids)
+        for i in range(4):
+            assert not torch.equal(ids[neg_text[i]], ids[i]) and not torch.equal(ids[neg_image[i]], ids[i])
+
+
+# ---------------------------------------------------------------- pruning
+
+def test_unit_param_counts_match_what_pruning_removes():
+    model = tiny_vlm()
+    gates = eff.Gates(model)
+    before = sum(p.numel() for p in model.parameters())
+    sites = model.sites()
+    sites["fusion.0.cross"].prune_heads([1, 2, 3])
+    sites["text.1.ffn"].prune_units(list(range(10)))
+    after = sum(p.numel() for p in model.parameters())
+    cost = dict(zip(gates.names, gates.unit_params))
+    assert before - after == cost["fusion.0.cross"] + 6 * cost["text.1.ffn"]
+
+
+def test_lagrangian_drives_expected_sparsity_to_target():
+    torch.manual_seed(0)
+    model = tiny_vlm()
+    gates, lagrangian = eff.Gates(model), eff.Lagrangian()
+    optimizer = torch.optim.AdamW([{"params": gates.parameters(), "lr": 0.05, "weight_decay": 0.0},
+                                   {"params": lagrangian.parameters(), "lr": 0.05, "weight_decay": 0.0, "maximize": True}])
+    target, steps = 0.6, 400
+    for step in range(steps):
+        expected = gates.expected_sparsity()
+        loss = lagrangian(expected, eff.warmed_target(target, step, steps // 2))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert gates.expected_sparsity().item() == pytest.approx(target, abs=0.05)
+    assert lagrangian.lambda_2.item() > 0, "gradient ascent must grow the quadratic multiplier"
+
+
+def test_finalize_gives_the_masked_models_outputs_with_smaller_matrices(batch):
+    model = tiny_vlm()
+    gates = eff.Gates(model)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for a in gates.log_alpha:
+            a.copy_(torch.randn_like(a) * 3)  # a mix of closed, open and partly open gates
+    gates.eval()
+    images, ids = batch[0], batch[1]
+    masked = model.match_scores(images, ids, gates())
+    n_before = sum(p.numel() for p in model.parameters())
+    sizes = eff.finalize(model, gates)
+    assert sum(p.numel() for p in model.parameters()) < n_before
+    assert sizes == {n: int((g > 0).sum()) for n, g in gates().items()}
+    assert torch.allclose(model.match_scores(images, ids), masked, atol=1e-5)
+
+
+def test_pruned_checkpoint_round_trips(tmp_path, batch):
+    model = tiny_vlm()
+    gates = eff.Gates(model)
+    with torch.no_grad():
+        gates.log_alpha[0].copy_(torch.tensor([-9.0, 5.0, -9.0, 5.0]))
+        gates.log_alpha[1][:5] = -9.0
+    eff.finalize(model, gates)
+    loaded = load_vlm(save_vlm(model, tmp_path / "pruned", extra={"target": 0.3}))
+    assert loaded.sizes() == model.sizes() and loaded.meta["target"] == 0.3
+    assert torch.allclose(loaded.match_scores(batch[0], batch[1]), model.match_scores(batch[0], batch[1]), atol=1e-6)
+
+
+def test_gradients_flow_into_student_and_gates_never_into_the_teacher(batch):
+    teacher = tiny_vlm(vision_layers=4, text_layers=2, fusion_layers=2)
+    teacher.requires_grad_(False)
+    pruning = PruningModel(make_student(teacher)).train()
+    with torch.no_grad():
+        pruning.lagrangian.lambda_1.fill_(1.0)  # (at 0 the expected-sparsity path would carry no gradient)
+    loss, metrics = distillation_loss(pruning.student, teacher, batch, pruning.gates())
+    loss = loss + pruning.lagrangian(pruning.gates.expected_sparsity(), 0.5)
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(a.grad is not None and a.grad.abs().sum() > 0 for a in pruning.gates.log_alpha)
+    assert pruning.student.itm_head.weight.grad.abs().sum() > 0
+    assert pruning.lagrangian.lambda_1.grad is not None
+    assert {"kd_vision_hidden", "kd_text_attn", "kd_fusion_attn", "kd_itm", "kd_mlm", "itc", "itm", "mlm"} <= set(metrics)
+    assert math.isfinite(loss.item())
