@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("openclip_argv", nargs=argparse.REMAINDER)  # dispatched in main() before parsing
 
     for what, steps, lr, text in (("teacher", 900, 2e-4, "EfficientVLM teacher: X-VLM-style VLM from the toy CLIP towers"),
-                                  ("student", 600, 2e-4, "EfficientVLM student: half the layers, distilled from the teacher"),
+                                  ("student", 1200, 2e-4, "EfficientVLM student: half the layers, distilled from the teacher"),
                                   ("pruned", 600, 1e-4, "EfficientVLM: modal-adaptive L0 pruning of the student")):
         p = train.add_parser(what, help=text)
         p.add_argument("--steps", type=int, default=steps)

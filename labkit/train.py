@@ -153,8 +153,8 @@ def fit(model: nn.Module, loss_fn: Callable, make_batch: Callable[[int, int, int
     """Train ``model`` in place; returns ``{"history": [...], "evals": [...], "steps": n, "seconds": s}``.
 
     ``groups`` overrides the AdamW parameter groups (default: :func:`param_groups`); a group may
-    set its own ``lr`` (scaled by the same schedule) or ``maximize=True`` (gradient ascent, e.g.
-    the Lagrange multipliers of EfficientVLM's pruning).
+    set its own ``lr`` (scaled by the same schedule unless ``scheduled=False``) or ``maximize=True``
+    (gradient ascent, e.g. the Lagrange multipliers of EfficientVLM's pruning).
     """
     rank, world = distributed_context()
     if device is None:
@@ -181,7 +181,7 @@ def fit(model: nn.Module, loss_fn: Callable, make_batch: Callable[[int, int, int
         model.train()
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * schedule(step)
+            group["lr"] = group["base_lr"] * (schedule(step) if group.get("scheduled", True) else 1.0)
         batch, n_images = make_batch(step, rank, world)
         with autocast(device):
             out = loss_fn(train_model, batch)

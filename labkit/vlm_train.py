@@ -175,12 +175,19 @@ def make_student(teacher: ToyVLM, divisor: int = 2) -> ToyVLM:
 
 
 def distillation_loss(student: ToyVLM, teacher: ToyVLM, batch, gates=None, temperature: float = 1.0):
-    """EfficientVLM's total: 0.6 * (ITC + ITM + MLM) + 0.4 * (hidden + attention + ITM/MLM logits KD)."""
+    """EfficientVLM's total: 0.6 * (ITC + ITM + MLM) + 0.4 * (hidden + attention + logits KD).
+
+    Logits KD covers ITM and MLM as in the official ``GeneralDistill.py``, plus the ITC similarity
+    matrix (both directions): on ToyWorld, without it the student's zero-shot retrieval recovers
+    far more slowly than its ITM accuracy (R@1 0.51 vs ITM 0.89 after 600 steps).
+    """
     with torch.no_grad():
         t_out = vlm_forward(teacher, batch, need=True)
     s_out = vlm_forward(student, batch, gates, need=True, negatives=t_out.negatives)
     task = task_losses(s_out, batch[3])
-    kd = {"kd_itm": eff.soft_cross_entropy(s_out.itm_logits, t_out.itm_logits, temperature),
+    kd = {"kd_itc": (eff.soft_cross_entropy(s_out.sim, t_out.sim, temperature)
+                     + eff.soft_cross_entropy(s_out.sim.T, t_out.sim.T, temperature)) / 2,
+          "kd_itm": eff.soft_cross_entropy(s_out.itm_logits, t_out.itm_logits, temperature),
           "kd_mlm": eff.soft_cross_entropy(s_out.mlm_logits, t_out.mlm_logits, temperature)}
     for m in MODALITIES:
         weight = IMAGE_HIDDEN_WEIGHT if m == "vision" else 1.0
@@ -205,14 +212,14 @@ def train_student(teacher: ToyVLM, clip: ClipModel, steps: int, batch_size: int 
 class PruningModel(nn.Module):
     """The student, its gates and the Lagrange multipliers, trained together by :func:`labkit.train.fit`."""
 
-    def __init__(self, student: ToyVLM):
+    def __init__(self, student: ToyVLM, init_keep: float = 0.8):
         super().__init__()
-        self.student, self.gates, self.lagrangian = student, eff.Gates(student), eff.Lagrangian()
+        self.student, self.gates, self.lagrangian = student, eff.Gates(student, init_keep), eff.Lagrangian()
 
 
 def prune_student(student: ToyVLM, teacher: ToyVLM, clip: ClipModel, target: float, steps: int,
-                  batch_size: int = 64, lr: float = 1e-4, gate_lr: float = 0.05, lambda_lr: float = 0.05,
-                  warmup_fraction: float = 0.5, seed: int = 0, progress: bool = True) -> tuple[ToyVLM, dict]:
+                  batch_size: int = 64, lr: float = 1e-4, gate_lr: float = 0.1, lambda_lr: float = 0.1,
+                  warmup_fraction: float = 0.3, seed: int = 0, progress: bool = True) -> tuple[ToyVLM, dict]:
     """Modal-adaptive L0 pruning to one global ``target`` sparsity, then :func:`finalize`.
 
     The loss is the distillation loss of the gated student plus the Lagrangian; the target ramps
@@ -232,7 +239,7 @@ def prune_student(student: ToyVLM, teacher: ToyVLM, clip: ClipModel, target: flo
         expected = m.gates.expected_sparsity()
         t = eff.warmed_target(target, step, warmup)
         loss = loss + m.lagrangian(expected, t)
-        split = {f"sparsity_{k}": 1 - float(v) / total for (k, v), total in
+        split = {f"sparsity_{k}": 1 - v.item() / total for (k, v), total in
                  zip(m.gates.expected_params().items(), m.gates.total_params().values())}
         snapshots.append({n: torch.sigmoid(a.detach()).cpu() for n, a in zip(m.gates.names, m.gates.log_alpha)}
                          if step % max(1, steps // 20) == 0 or step == steps - 1 else None)
@@ -240,8 +247,9 @@ def prune_student(student: ToyVLM, teacher: ToyVLM, clip: ClipModel, target: flo
                       "lambda_1": m.lagrangian.lambda_1.item(), "lambda_2": m.lagrangian.lambda_2.item()}
 
     groups = [{"params": list(model.student.parameters()), "lr": lr, "weight_decay": 0.0},
-              {"params": list(model.gates.parameters()), "lr": gate_lr, "weight_decay": 0.0},
-              {"params": list(model.lagrangian.parameters()), "lr": lambda_lr, "weight_decay": 0.0, "maximize": True}]
+              {"params": list(model.gates.parameters()), "lr": gate_lr, "weight_decay": 0.0, "scheduled": False},
+              {"params": list(model.lagrangian.parameters()), "lr": lambda_lr, "weight_decay": 0.0, "maximize": True,
+               "scheduled": False}]  # gates and multipliers keep their learning rate to the end
     cfg = TrainConfig(steps=steps, lr=lr, seed=seed, warmup=0.0, desc=f"prune to {target:.2f}", grad_clip=None)
     record = fit(model, loss_fn, VLMBatches(clip, batch_size, seed), cfg, device=clip.device, progress=progress,
                  groups=groups)

@@ -87,10 +87,10 @@ logits (`labkit.vlm_train.distillation_loss`, weights from the official `General
 recorded when the shipped student was trained.
 """)
 code(r"""
-student = load_or_train("student", lambda: train_student(teacher, clip, steps=3 if FAST else 600))
+student = load_or_train("student", lambda: train_student(teacher, clip, steps=3 if FAST else 1200))
 curve = getattr(student, "meta", {}).get("curve", [])
 if curve:
-    viz.show_curves(curve, ["itc", "itm", "mlm", "kd_itm", "kd_mlm", "kd_vision_hidden", "kd_vision_attn",
+    viz.show_curves(curve, ["itc", "itm", "mlm", "kd_itc", "kd_itm", "kd_mlm", "kd_vision_hidden", "kd_vision_attn",
                             "kd_text_hidden", "kd_text_attn", "kd_fusion_hidden", "kd_fusion_attn"],
                     title="student distillation: task and KD losses")
 print("student:", count_params(student) / 1e6, "M parameters;", evaluate_vlm(student, held_out))

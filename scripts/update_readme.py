@@ -60,8 +60,34 @@ def masking_eval_table(data: dict) -> str:
     return "\n".join(lines)
 
 
-RENDERERS = {"eval_tip": tip_table, "bench_masking": masking_bench_table, "bench_masking_b32": masking_bench_table,
-             "eval_masking": masking_eval_table}
+def efficient_table(data: dict) -> str:
+    cols = "| model | params | speedup | ITM acc | retrieval R@1 | ITM retention | retrieval retention | sparsity v / t / f |"
+    lines = [cols, "|---|---|---|---|---|---|---|---|"]
+    m = data["metrics"]
+
+    def row(name, params, speedup, metrics, sparsity=None):
+        teacher = m["teacher"]
+        split = " / ".join(fmt(sparsity[k]) for k in ("vision", "text", "fusion")) if sparsity else ""
+        return (f"| {name} | {params:,} | {fmt(speedup)} | {fmt(metrics['itm_accuracy'])} | {fmt(metrics['retrieval_r1'])} | "
+                f"{fmt(metrics['itm_accuracy'] / teacher['itm_accuracy'])} | "
+                f"{fmt(metrics['retrieval_r1'] / teacher['retrieval_r1'])} | {split} |")
+
+    lines.append(row("teacher", data["teacher_params"], 1.0, m["teacher"]))
+    lines.append(row("student (distilled)", data["student_params"], data["student_speedup"], m["student"]))
+    lines.append(row(f"pruned, target {data.get('pruned_target')} (shipped)", data["pruned_params"], data["speedup"],
+                     m["pruned"], data["sparsity_by_modality"]))
+    for r in data["sweep"]:
+        lines.append(row(f"sweep: target {r['target']} ({data['sweep_steps']} steps)", r["params"], r["speedup"],
+                         m[f"target_{r['target']}"], r["sparsity_by_modality"]))
+    lines.append("")
+    lines.append(f"Speed: median of `match_scores` on {data['bench_batch']} image-caption pairs, teacher "
+                 f"{data['teacher_ms']:.0f} ms, pruned {data['pruned_ms']:.0f} ms ({data['device']}); "
+                 f"accuracy on {data['n_scenes']} held-out test scenes.")
+    return "\n".join(lines)
+
+
+RENDERERS = {"eval_efficient": efficient_table, "eval_tip": tip_table, "bench_masking": masking_bench_table,
+             "bench_masking_b32": masking_bench_table, "eval_masking": masking_eval_table}
 
 
 def render(name: str) -> str:
