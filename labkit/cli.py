@@ -22,6 +22,11 @@ def _emit(result: dict, as_json: bool) -> None:
             print(f"{key:>28}: {value}")
 
 
+def _command_line() -> str:
+    """The command as typed, recorded in each checkpoint's metadata."""
+    return "labkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
 def cmd_train_clip(args) -> dict:
     from .clip import evaluate_clip, train_toy_clip
     from .models import save_local_dir
@@ -37,7 +42,7 @@ def cmd_train_clip(args) -> dict:
     metrics = evaluate_clip(clip)
     config = dict(clip.config)
     config["labkit"] = {**config["labkit"], "training": {
-        "command": "labkit " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": _command_line(),
         "steps": record["steps"], "batch_size": args.batch_size, "seed": args.seed, "wall_seconds": round(wall, 1),
         "world_size": record["world_size"], "device": str(clip.device), "metrics": metrics,
         "curve": record["evals"],
@@ -127,7 +132,7 @@ def cmd_train_qformer(args) -> dict:
     from .models import load_clip
 
     paths, budget = _blip2_paths(args.assets), args.time_budget_s
-    meta = {"command": "labkit " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "clip": args.clip}
+    meta = {"command": _command_line(), "clip": args.clip}
     if args.stage not in ("lm", "1", "2"):
         raise ValueError(f"unknown stage {args.stage!r}; accepted: lm, 1, 2")
     if args.stage != "1":
@@ -173,10 +178,6 @@ def cmd_eval_qformer(args) -> dict:
             "vqa_by_type": metrics["vqa_by_type"],
             "itc_i2t_r1": itc_retrieval_r1(load_stage1(paths["stage1"]).to(encoder.mean.device), encoder, n=n_itc),
             "hf_equivalence_max_abs_diff": hf_equivalence_max_abs_diff(), "n_scenes": n, "n_itc": n_itc}
-
-
-def _command_line() -> str:
-    return "labkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
 def cmd_train_vlm(args) -> dict:

@@ -116,24 +116,27 @@ def eval_efficient(clip: ClipModel, teacher: ToyVLM, student: ToyVLM, pruned: To
 
     data = eval_scenes(clip, n)
     metrics = {name: evaluate_vlm(m, data) for name, m in (("teacher", teacher), ("student", student), ("pruned", pruned))}
-    sweep_models, sweep_records = {}, {}
+    sweep_models = {}
     for target in sweep_targets:
-        model, record = prune_student(student, teacher, clip, target, sweep_steps, seed=seed, progress=progress)
-        sweep_models[f"target_{target}"], sweep_records[target] = model, record
-        metrics[f"target_{target}"] = evaluate_vlm(model, data)
+        sweep_models[f"target_{target}"], _ = prune_student(student, teacher, clip, target, sweep_steps, seed=seed,
+                                                             progress=progress)
+        metrics[f"target_{target}"] = evaluate_vlm(sweep_models[f"target_{target}"], data)
     images, captions = data[0][:bench_batch], data[1][:bench_batch]
     speed = inference_speedup(teacher, {"student": student, "pruned": pruned, **sweep_models}, images, captions, repeats)
 
     def retention(name: str, key: str) -> float:
         return metrics[name][key] / metrics["teacher"][key]
 
+    full = Gates(student).total_params()  # prunable parameters per modality before pruning
+
     def sparsity(model: ToyVLM) -> dict:
-        full = Gates(student).total_params()
         kept = Gates(model).total_params()
         return {m: 1 - kept[m] / full[m] for m in full}
 
-    sweep = [{"target": t, "realised_sparsity": 1 - sum(Gates(sweep_models[f"target_{t}"]).total_params().values())
-              / sum(Gates(student).total_params().values()),
+    def realised_sparsity(model: ToyVLM) -> float:
+        return 1 - sum(Gates(model).total_params().values()) / sum(full.values())
+
+    sweep = [{"target": t, "realised_sparsity": realised_sparsity(sweep_models[f"target_{t}"]),
               "params": count_params(sweep_models[f"target_{t}"]), "speedup": speed[f"target_{t}"]["speedup"],
               "retention_itm": retention(f"target_{t}", "itm_accuracy"),
               "retention_retrieval": retention(f"target_{t}", "retrieval_r1"),
