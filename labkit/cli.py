@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 import time
@@ -191,7 +192,7 @@ def cmd_train_vlm(args) -> dict:
     steps, n = (min(args.steps, 3), 50) if fast_mode() else (args.steps, args.eval_n)
     clip = load_clip(args.clip)
     check = eval_scenes(clip, n, split="val")
-    evaluate = lambda model: evaluate_vlm(model, check)  # noqa: E731
+    evaluate = lambda model: evaluate_vlm(model, check, rerank_k=0)  # noqa: E731
     started = time.perf_counter()
     common = dict(batch_size=args.batch_size, seed=args.seed, progress=not args.json)
     if args.what == "teacher":
@@ -208,7 +209,8 @@ def cmd_train_vlm(args) -> dict:
     out = args.out or assets / args.what
     meta = {"command": _command_line(), "steps": record["steps"], "wall_seconds": round(wall, 1),
             "device": str(clip.device), "val": record["evals"][-1],
-            "curve": [{k: v for k, v in h.items() if isinstance(v, float | int)} for h in record["history"]]}
+            "curve": [{k: v for k, v in h.items() if isinstance(v, float | int)}
+                      for h in record["history"][::math.ceil(len(record["history"]) / 1000)]]}  # <= 1,000 points
     if args.what == "pruned":
         meta.update(target=args.target, sparsity_by_modality=record["sparsity_by_modality"])
     save_vlm(model, out, extra=meta)
@@ -315,8 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("openclip_argv", nargs=argparse.REMAINDER)  # dispatched in main() before parsing
 
     for what, steps, lr, text in (("teacher", 900, 2e-4, "EfficientVLM teacher: X-VLM-style VLM from the toy CLIP towers"),
-                                  ("student", 1200, 2e-4, "EfficientVLM student: half the layers, distilled from the teacher"),
-                                  ("pruned", 600, 1e-4, "EfficientVLM: modal-adaptive L0 pruning of the student")):
+                                  ("student", 4000, 2e-4, "EfficientVLM student: half the layers, distilled from the teacher"),
+                                  ("pruned", 1000, 1e-4, "EfficientVLM: modal-adaptive L0 pruning of the student")):
         p = train.add_parser(what, help=text)
         p.add_argument("--steps", type=int, default=steps)
         p.add_argument("--batch-size", type=int, default=64)

@@ -88,7 +88,7 @@ logits (`labkit.vlm_train.distillation_loss`, weights from the official `General
 recorded when the shipped student was trained.
 """)
 code(r"""
-student = load_or_train("student", lambda: train_student(teacher, clip, steps=3 if FAST else 1200))
+student = load_or_train("student", lambda: train_student(teacher, clip, steps=3 if FAST else 4000))
 curve = getattr(student, "meta", {}).get("curve", [])
 if curve:
     viz.show_curves(curve, ["itc", "itm", "mlm", "kd_itc", "kd_itm", "kd_mlm", "kd_vision_hidden", "kd_vision_attn",

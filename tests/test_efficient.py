@@ -194,3 +194,24 @@ def test_gradients_flow_into_student_and_gates_never_into_the_teacher(batch):
     expected = {"kd_vision_hidden", "kd_text_attn", "kd_fusion_attn", "kd_itc", "kd_itm", "kd_mlm", "itc", "itm", "mlm"}
     assert expected <= set(metrics)
     assert math.isfinite(loss.item())
+
+
+# ---------------------------------------------------------------- evaluation
+
+def test_reranked_retrieval_follows_the_papers_protocol(clip):
+    from labkit.efficient_eval import eval_scenes, evaluate_vlm, trim_padding
+
+    model, data = tiny_vlm(seed=3), eval_scenes(clip, 10)
+    top1 = evaluate_vlm(model, data, batch_size=4, rerank_k=1)  # re-ranking one candidate changes nothing
+    assert top1["retrieval_rerank_i2t_r1"] == top1["retrieval_i2t_r1"]
+    assert top1["retrieval_rerank_t2i_r1"] == top1["retrieval_t2i_r1"]
+    assert "retrieval_rerank_r1" not in evaluate_vlm(model, data, rerank_k=0)
+    everything = evaluate_vlm(model, data, batch_size=4, rerank_k=10)  # every pair re-scored by the ITM head
+    images, ids = data[0], trim_padding(data[1])
+    with torch.no_grad():
+        itm = torch.stack([model.itm_logits(model.fuse(model.encode_text(ids).states, ids,
+                                                       model.encode_image(images[i:i + 1].expand(10, -1, -1, -1)).states))[:, 1]
+                           for i in range(10)])  # [image, text]
+    target = torch.arange(10)
+    assert everything["retrieval_rerank_i2t_r1"] == pytest.approx(float((itm.argmax(1) == target).float().mean()))
+    assert everything["retrieval_rerank_t2i_r1"] == pytest.approx(float((itm.argmax(0) == target).float().mean()))
