@@ -122,7 +122,8 @@ def alpha_curves_figure(searches: dict, title: str = "validation accuracy versus
         curve = _np(s["grid"]).max(axis=0)
         line, = ax.plot(s["alphas"], curve, "-", label=f"{task} (best alpha {s['alpha']:.3g})")
         ax.plot(s["alpha"], curve[s["alphas"].index(s["alpha"])], "*", color=line.get_color(), markersize=14)
-    ax.set(xscale="log", xlabel="alpha (cache weight)", ylabel="validation accuracy", title=title, ylim=(0, 1.02))
+    ax.set_xscale("symlog", linthresh=0.01)  # linear near 0, so alpha = 0 (zero-shot) is on the axis
+    ax.set(xlabel="alpha (cache weight)", ylabel="validation accuracy", title=title, ylim=(0, 1.02))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig

@@ -172,6 +172,8 @@ def test_finetune_keys_improves_training_fit_and_never_returns_worse_than_the_ca
     assert info["curve"][-1]["loss"] < info["curve"][0]["loss"] + 1e-6
     same, _ = tip.finetune_keys(cache, feats, y, W, val_f, val_y, epochs=0)
     assert torch.equal(same, cache.keys)
+    with pytest.raises(ValueError, match="alpha must be > 0"):
+        tip.finetune_keys(cache, feats, y, W, val_f, val_y, alpha=0.0)
 
 
 def test_linear_probe_separates_blobs():
