@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench_masking)
 
     p = evaluate.add_parser("masking", help="toy CLIP trained with none/random/cluster masking, same wall-clock budget")
-    p.add_argument("--budget-s", type=float, default=180.0, help="training seconds per variant")
+    p.add_argument("--budget-s", type=float, default=450.0, help="training seconds per variant")
     p.add_argument("--ratio", type=float, default=0.5, help="mask ratio of variants given without one")
     p.add_argument("--variants", default="none,random,cluster,random:0.75,cluster:0.75")
     p.add_argument("--batch-size", type=int, default=128)
