@@ -215,7 +215,7 @@ def _parse_variant(variant: str, ratio: float) -> tuple[str, float]:
     return name, masking.check_ratio(float(r) if r else ratio)
 
 
-def eval_masking(budget_s: float = 180.0, ratio: float = 0.5,
+def eval_masking(budget_s: float = 450.0, ratio: float = 0.5,
                  variants=("none", "random", "cluster", "random:0.75", "cluster:0.75"),
                  batch_size: int = 128, eval_n: int = 500, final_n: int = 1000, curve_points: int = 6,
                  seed: int = 0, progress: bool = True, threads: int = 0, **masking_kwargs) -> dict:
