@@ -90,7 +90,7 @@ def efficient_table(data: dict) -> str:
 
 
 RENDERERS = {"eval_efficient": efficient_table, "eval_tip": tip_table, "bench_masking": masking_bench_table,
-             "bench_masking_b32": masking_bench_table, "eval_masking": masking_eval_table}
+             "eval_masking": masking_eval_table}
 
 
 def render(name: str) -> str:
