@@ -52,6 +52,8 @@ def evaluate_vlm(model: ToyVLM, data, batch_size: int = 250, rerank_k: int = 16)
     (X-VLM / EfficientVLM ``evaluation`` in ``Eff_Retrieval.py``): the ``rerank_k`` best ITC candidates of each
     query are re-scored by the fusion encoder's ITM head and the best ITM score wins (``rerank_k=0`` skips it).
     """
+    if rerank_k < 0:
+        raise ValueError(f"rerank_k must be >= 0 (0 skips re-ranking), got {rerank_k}")
     images, captions, negatives = data
     model.eval()
     device = next(model.parameters()).device
@@ -144,6 +146,8 @@ def eval_efficient(clip: ClipModel, teacher: ToyVLM, student: ToyVLM, pruned: To
     from .efficient import Gates
     from .vlm_train import prune_student
 
+    if rerank_k < 1:
+        raise ValueError(f"rerank_k must be >= 1: eval_efficient reports re-ranked retrieval, got {rerank_k}")
     data = eval_scenes(clip, n)
     metrics = {name: evaluate_vlm(m, data, rerank_k=rerank_k)
                for name, m in (("teacher", teacher), ("student", student), ("pruned", pruned))}

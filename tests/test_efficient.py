@@ -199,13 +199,17 @@ def test_gradients_flow_into_student_and_gates_never_into_the_teacher(batch):
 # ---------------------------------------------------------------- evaluation
 
 def test_reranked_retrieval_follows_the_papers_protocol(clip):
-    from labkit.efficient_eval import eval_scenes, evaluate_vlm, trim_padding
+    from labkit.efficient_eval import eval_efficient, eval_scenes, evaluate_vlm, trim_padding
 
     model, data = tiny_vlm(seed=3), eval_scenes(clip, 10)
     top1 = evaluate_vlm(model, data, batch_size=4, rerank_k=1)  # re-ranking one candidate changes nothing
     assert top1["retrieval_rerank_i2t_r1"] == top1["retrieval_i2t_r1"]
     assert top1["retrieval_rerank_t2i_r1"] == top1["retrieval_t2i_r1"]
     assert "retrieval_rerank_r1" not in evaluate_vlm(model, data, rerank_k=0)
+    with pytest.raises(ValueError, match="rerank_k must be >= 0"):
+        evaluate_vlm(model, data, rerank_k=-1)
+    with pytest.raises(ValueError, match="rerank_k must be >= 1"):
+        eval_efficient(clip, model, model, model, rerank_k=0)
     everything = evaluate_vlm(model, data, batch_size=4, rerank_k=10)  # every pair re-scored by the ITM head
     images, ids = data[0], trim_padding(data[1])
     with torch.no_grad():
