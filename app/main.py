@@ -4,8 +4,8 @@ A learner picks a built-in task (ToyWorld shapes/colours/novel/shifted, real MNI
 a few images per class, builds the cache (Tip-Adapter, ECCV 2022: keys = CLIP features of the support
 images averaged over 10 augmented views, values = one-hot labels), then classifies a query and sees the
 zero-shot, cache and fused probabilities, the most similar support images, and alpha/beta sliders that
-update the result live. All method logic lives in :mod:`labkit.tipadapter`; this module only decodes
-uploads, keeps per-session state and draws.
+update the result live. All method logic lives in :mod:`labkit.tipadapter`; :mod:`app.uploads` decodes
+and checks uploads; this module keeps per-session state and draws.
 
 Classroom settings: a queue with a concurrency limit and a maximum size, classify requests batched
 (one encoder pass for up to ``MAX_BATCH`` queries from different students), bounded work per request
@@ -29,22 +29,17 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: E402
 
+from labkit import tip_eval, viz_tip  # noqa: E402
 from labkit import tipadapter as tip  # noqa: E402
-from labkit import viz_tip  # noqa: E402
 from labkit.clip import zero_shot_classifier  # noqa: E402
 from labkit.models import ModelError, cached_openclip_weights, load_clip, toy_checkpoint_dir  # noqa: E402
+
+from .uploads import MAX_FILE_SIZE, MAX_SHOTS, load_image, support_from_uploads, to_tensor  # noqa: E402
 
 log = logging.getLogger("labkit.app")
 
 MAX_CLASSES = 6
-MAX_SHOTS = 16
-MAX_FILES_PER_CLASS = 32
-MAX_FILE_SIZE = "5mb"
-MAX_FILE_BYTES = 5 * 1024 * 1024
-MAX_PIXELS = 40_000_000  # bigger decoded images are rejected (decompression bombs)
-WORK_SIDE = 512  # larger images are downscaled to this longest side right after decoding
 BUILD_BUDGET_S = 60.0
 QUEUE_SIZE = 256
 CONCURRENCY = 2
@@ -85,88 +80,9 @@ def available_models(default: str = "toy") -> list[str]:
     return names
 
 
-# ---------------------------------------------------------------- uploads
-
-def load_image(path) -> Image.Image:
-    """Decode one upload into an RGB PIL image, or raise ValueError saying what is wrong with it.
-
-    Grayscale, palette, 16-bit and RGBA/LA images are converted (alpha composited on white);
-    images over ``MAX_PIXELS`` are rejected before decoding; big ones are downscaled to ``WORK_SIDE``.
-    """
-    name = os.path.basename(str(path))
-    try:
-        size = os.path.getsize(path)
-    except (OSError, TypeError) as e:
-        raise ValueError(f"cannot read upload {name!r}") from e
-    if size > MAX_FILE_BYTES:
-        raise ValueError(f"{name!r} is {size / 2**20:.1f} MB; the upload limit is {MAX_FILE_SIZE}")
-    try:
-        with Image.open(path) as img:
-            w, h = img.size
-            if w * h > MAX_PIXELS:
-                raise ValueError(f"{name!r} is {w}x{h} pixels; images up to {MAX_PIXELS // 10**6} megapixels "
-                                 "are accepted")
-            img.draft("RGB", (WORK_SIDE, WORK_SIDE))  # JPEG: decode at reduced size directly
-            img.load()
-            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                rgba = img.convert("RGBA")
-                out = Image.new("RGB", rgba.size, (255, 255, 255))
-                out.paste(rgba, mask=rgba.getchannel("A"))
-            elif img.mode.startswith("I;16") or img.mode in ("I", "F"):
-                arr = np.asarray(img, dtype=np.float32)
-                arr = 255 * (arr - arr.min()) / max(float(arr.max() - arr.min()), 1e-6)
-                out = Image.fromarray(arr.astype(np.uint8)).convert("RGB")
-            else:
-                out = img.convert("RGB")
-    except ValueError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{name!r} is not a readable image (corrupt or not an image file)") from e
-    if min(out.size) < 1:
-        raise ValueError(f"{name!r} is empty")
-    out.thumbnail((WORK_SIDE, WORK_SIDE))
-    return out
-
-
-def to_tensor(img: Image.Image, size: int) -> torch.Tensor:
-    """Centre-crop to a square, resize to ``size``: uint8 ``[3, size, size]``."""
-    square = ImageOps.fit(img, (size, size), Image.BICUBIC)
-    return torch.from_numpy(np.asarray(square, dtype=np.uint8).copy()).permute(2, 0, 1)
-
-
-def support_from_uploads(names, files, shots: int, size: int) -> tuple[torch.Tensor, torch.Tensor, tuple]:
-    """Support images ``[N*shots, 3, S, S]``, labels and class names from per-class name boxes and uploads.
-
-    Slots with neither a name nor files are ignored; every other bad input raises ValueError.
-    """
-    if not 1 <= int(shots) <= MAX_SHOTS:
-        raise ValueError(f"shots must be between 1 and {MAX_SHOTS}, got {shots}")
-    classes = []
-    for slot, (name, paths) in enumerate(zip(names, files, strict=False), 1):
-        name, paths = (name or "").strip(), [p for p in (paths or []) if p]
-        if not name and not paths:
-            continue
-        if not name:
-            raise ValueError(f"class slot {slot} has images but an empty name; type a class name")
-        if not paths:
-            raise ValueError(f"class {name!r} has no images; upload at least {shots}")
-        if len(paths) > MAX_FILES_PER_CLASS:
-            raise ValueError(f"class {name!r} has {len(paths)} images; at most {MAX_FILES_PER_CLASS} per class")
-        if len(paths) < shots:
-            raise ValueError(f"class {name!r} has {len(paths)} image(s), fewer than shots={shots}; "
-                             "lower the shots or upload more")
-        classes.append((name, paths[: int(shots)]))
-    if len(classes) < 2:
-        raise ValueError(f"Tip-Adapter needs at least 2 classes with images, got {len(classes)}")
-    classnames = tip.check_classnames([c for c, _ in classes])
-    images = [to_tensor(load_image(p), size) for _, paths in classes for p in paths]
-    labels = torch.arange(len(classes)).repeat_interleave(int(shots))
-    return torch.stack(images), labels, classnames
-
-
 @lru_cache(maxsize=8)
 def _task_split(task: str, role: str):
-    return tip.task_data(task, role, 1000 if role == "support" else 300)
+    return tip_eval.task_data(task, role, 1000 if role == "support" else 300)
 
 
 def support_from_task(task: str, shots: int) -> tuple[torch.Tensor, torch.Tensor, tuple, tuple]:
@@ -322,7 +238,7 @@ def on_pick_query(state, alpha, beta, seed):
 @lru_cache(maxsize=16)
 def _shots_curve(model_name: str, task: str) -> dict:
     clip = get_model(model_name)
-    res, _, _ = tip.evaluate_task(clip, task, n_val=200, n_test=300, n_views=10, epochs=20)
+    res, _, _ = tip_eval.evaluate_task(clip, task, n_val=200, n_test=300, n_views=10, epochs=20)
     return res
 
 

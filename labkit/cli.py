@@ -67,7 +67,7 @@ def cmd_bench_toyworld(args) -> dict:
 
 def cmd_eval_tip(args) -> dict:
     from .models import load_clip
-    from .tipadapter import EVAL_TASKS, evaluate_tip
+    from .tip_eval import EVAL_TASKS, evaluate_tip
 
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip()) if args.tasks else EVAL_TASKS
     shots = tuple(int(s) for s in args.shots.split(","))

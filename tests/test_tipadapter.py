@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
+from labkit import tip_eval, viz_tip
 from labkit import tipadapter as tip
-from labkit import viz_tip
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +100,23 @@ def test_search_matches_brute_force_and_prefers_cache_when_text_is_useless():
         tip.search_alpha_beta(feats[:0], labels[:0], W, keys, values)
 
 
+@pytest.mark.parametrize("n_fixed, helps", [(3, False), (6, True)])
+def test_search_keeps_the_cache_only_when_mcnemar_says_it_helps(n_fixed, helps):
+    """Text right on all but ``n_fixed`` of 200 images, a cache that fixes exactly those: 3 fixed, 0 broken
+    is chi2 = 3 < 3.84 (not shown to help, zero-shot kept, although validation accuracy rises); 6 is 6 > 3.84."""
+    C, D = 4, 16
+    centers = unit(C, D, seed=5)
+    labels = torch.arange(200) % C
+    feats = F.normalize(centers[labels] + 0.05 * torch.randn(200, D, generator=torch.Generator().manual_seed(1)), dim=-1)
+    labels[:n_fixed] = (labels[:n_fixed] + 1) % C  # the text classifier (centers) gets these wrong
+    keys, values = feats, F.one_hot(labels, C).float()  # a cache holding every image: it knows the true labels
+    s = tip.search_alpha_beta(feats, labels, centers, keys, values, alphas=(0.0, 1.0, 10.0, 1000.0), betas=(1000.0,))
+    assert s["mcnemar"] == {"fixed": n_fixed, "broken": 0, "chi2": float(n_fixed)}  # of the best-calibrated candidate
+    assert s["zero_shot_accuracy"] == pytest.approx(1 - n_fixed / 200)
+    assert float(s["grid"].max()) == 1.0
+    assert s["cache_helps"] is helps and (s["alpha"] > 0) is helps
+
+
 def test_augment_views_shapes_randomness_and_identity():
     img = torch.linspace(0, 255, 32).round().to(torch.uint8).view(1, 1, 1, 32).expand(2, 3, 32, 32).contiguous()
     views = tip.augment_views(img, 10, generator=torch.Generator().manual_seed(0))
@@ -134,11 +151,11 @@ def test_bad_support_sets_are_rejected(clip):
     with pytest.raises(ValueError, match="fewer than shots=3"):
         tip.select_shots(torch.tensor([0, 0, 1, 1, 1]), 3, 2)
     with pytest.raises(ValueError, match="unknown Tip-Adapter task"):
-        tip.task_data("imagenet", "test", 10)
+        tip_eval.task_data("imagenet", "test", 10)
 
 
 def test_build_cache_on_a_real_model(clip):
-    imgs, labels, names, _ = tip.task_data("shape", "support", 60)
+    imgs, labels, names, _ = tip_eval.task_data("shape", "support", 60)
     idx = tip.select_shots(labels, 2, len(names))
     cache = tip.build_cache(clip, imgs[idx], labels[idx], names, n_views=3)
     assert cache.keys.shape == (12, clip.embed_dim) and cache.values.shape == (12, 6)
@@ -208,9 +225,9 @@ def test_eval_tip_command_prints_the_documented_json(toy_dir, capsys, monkeypatc
 
 
 def test_mnist_is_real_split_and_disjoint():
-    imgs, labels = tip.mnist_images()
+    imgs, labels = tip_eval.mnist_images()
     assert imgs.shape == (5000, 3, 64, 64) and imgs.dtype == torch.uint8 and set(labels.tolist()) == set(range(10))
-    parts = {r: tip.task_data("mnist", r, 5000)[0] for r in ("support", "val", "test")}
+    parts = {r: tip_eval.task_data("mnist", r, 5000)[0] for r in ("support", "val", "test")}
     assert [len(p) for p in parts.values()] == [1000, 1000, 3000]
     flat = {r: {hash(x.numpy().tobytes()) for x in p[:300]} for r, p in parts.items()}
     assert not flat["support"] & flat["test"] and not flat["val"] & flat["test"]

@@ -120,6 +120,7 @@ NOTEBOOK = ExerciseNotebook(
         import torch.nn.functional as F
         from matplotlib import pyplot as plt
 
+        from labkit import tip_eval
         from labkit import tipadapter as tip
         from labkit.clip import zero_shot_classifier as zero_shot_classifier_reference
         from labkit.device import fast_mode
@@ -131,15 +132,15 @@ NOTEBOOK = ExerciseNotebook(
         N_TEST, N_VIEWS, SHOTS = (150, 2, 4) if FAST else (600, 10, 8)
         torch.manual_seed(0)
         clip = load_clip("toy")
-        color_images, COLOR_LABELS, COLOR_NAMES, COLOR_TEMPLATES = tip.task_data("color", "test", N_TEST)
+        color_images, COLOR_LABELS, COLOR_NAMES, COLOR_TEMPLATES = tip_eval.task_data("color", "test", N_TEST)
         COLOR_FEATS = clip.encode_image(color_images)
-        support, support_labels, novel_names, novel_templates = tip.task_data("novel", "support", 100)
+        support, support_labels, novel_names, novel_templates = tip_eval.task_data("novel", "support", 100)
         shots = tip.select_shots(support_labels, SHOTS, len(novel_names))
         CACHE = tip.build_cache(clip, support[shots], support_labels[shots], novel_names, n_views=N_VIEWS)
         NOVEL_CLASSIFIER = zero_shot_classifier_reference(clip, novel_names, novel_templates)
-        novel_images, NOVEL_LABELS, _, _ = tip.task_data("novel", "test", N_TEST)
+        novel_images, NOVEL_LABELS, _, _ = tip_eval.task_data("novel", "test", N_TEST)
         NOVEL_FEATS = clip.encode_image(novel_images)
-        val_images, VAL_LABELS, _, _ = tip.task_data("novel", "val", N_TEST)
+        val_images, VAL_LABELS, _, _ = tip_eval.task_data("novel", "val", N_TEST)
         VAL_FEATS = clip.encode_image(val_images)
         print(f"cache: keys {list(CACHE.keys.shape)}, values {list(CACHE.values.shape)}; {N_TEST} test and val scenes")
     """,
