@@ -203,7 +203,9 @@ def cmd_train_vlm(args) -> dict:
             model, record = train_student(teacher, clip, steps, lr=args.lr, evaluate=evaluate, **common)
         else:
             student = load_vlm(args.student or assets / "student", clip.device)
-            model, record = prune_student(student, teacher, clip, args.target, steps, lr=args.lr, **common)
+            model, record = prune_student(student, teacher, clip, args.target, steps, lr=args.lr,
+                                          recover_steps=min(args.recover_steps, 3) if fast_mode() else args.recover_steps,
+                                          **common)
             record["evals"] = [evaluate(model)]
     wall = time.perf_counter() - started
     out = args.out or assets / args.what
@@ -212,7 +214,8 @@ def cmd_train_vlm(args) -> dict:
             "curve": [{k: v for k, v in h.items() if isinstance(v, float | int)}
                       for h in record["history"][::math.ceil(len(record["history"]) / 1000)]]}  # <= 1,000 points
     if args.what == "pruned":
-        meta.update(target=args.target, sparsity_by_modality=record["sparsity_by_modality"])
+        meta.update(target=args.target, sparsity_by_modality=record["sparsity_by_modality"],
+                    recover_steps=record.get("recovery", {}).get("steps", 0))
     save_vlm(model, out, extra=meta)
     return {"out": str(out), "steps": record["steps"], "wall_seconds": round(wall, 1), **record["evals"][-1]}
 
@@ -332,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
         if what == "pruned":
             p.add_argument("--student", default=None, help="student checkpoint (default: the shipped one)")
             p.add_argument("--target", type=float, default=0.5, help="global target sparsity in [0, 1)")
+            p.add_argument("--recover-steps", type=int, default=0,
+                           help="distil the finalized model from the teacher for this many more steps")
         p.set_defaults(func=cmd_train_vlm)
 
     p = train.add_parser("qformer", help="BLIP-2 on ToyWorld: --stage lm (text-only LM), 1, or 2 --lm {opt,t5}")

@@ -79,17 +79,21 @@ def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     return F.kl_div(log_p, q, reduction="batchmean")
 
 
-def representation_losses(student, teacher, hidden_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def representation_losses(student, teacher, hidden_weight: float = 1.0,
+                          attention: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(hidden-state MSE, attention-score MSE) of one encoder under :func:`layer_map`.
 
     ``student`` and ``teacher`` carry ``.hidden`` (embedding output + one per layer) and ``.scores``
     (pre-softmax attention per layer, masked positions already zeroed). As in the official code the
     attention MSE is multiplied by the key length, and the teacher side never gets a gradient.
+    ``attention=False`` returns 0 for it: a finalized model has fewer heads than its teacher.
     """
     hidden_map, attention_map = layer_map(len(teacher.scores), len(student.scores))
     hidden = sum(F.mse_loss(s, teacher.hidden[t].detach()) for s, t in zip(student.hidden, hidden_map))
-    attention = sum(F.mse_loss(s, teacher.scores[t].detach()) * s.shape[-1] for s, t in zip(student.scores, attention_map))
-    return hidden_weight * hidden, attention
+    if not attention:
+        return hidden_weight * hidden, hidden.new_zeros(())
+    scores = sum(F.mse_loss(s, teacher.scores[t].detach()) * s.shape[-1] for s, t in zip(student.scores, attention_map))
+    return hidden_weight * hidden, scores
 
 
 # ---------------------------------------------------------------- modal-adaptive L0 pruning (§3.2)

@@ -28,7 +28,7 @@ from .train import TrainConfig, fit
 from .vlm import MODALITIES, PAD_ID, ToyVLM, VLMOutput
 
 __all__ = ["VLMBatches", "vlm_forward", "task_losses", "train_teacher", "make_student", "train_student",
-           "PruningModel", "prune_student"]
+           "PruningModel", "prune_student", "recover_pruned"]
 
 MLM_PROB = 0.25
 KD_WEIGHT, TASK_WEIGHT, IMAGE_HIDDEN_WEIGHT = 0.4, 0.6, 0.1  # EfficientVLM's GeneralDistill.py
@@ -176,12 +176,14 @@ def make_student(teacher: ToyVLM, divisor: int = 2) -> ToyVLM:
     return student
 
 
-def distillation_loss(student: ToyVLM, teacher: ToyVLM, batch, gates=None, temperature: float = 1.0):
+def distillation_loss(student: ToyVLM, teacher: ToyVLM, batch, gates=None, temperature: float = 1.0,
+                      attention: bool = True):
     """EfficientVLM's total: 0.6 * (ITC + ITM + MLM) + 0.4 * (hidden + attention + logits KD).
 
     Logits KD covers ITM and MLM as in the official ``GeneralDistill.py``, plus the ITC similarity
     matrix (both directions): on ToyWorld, without it the student's zero-shot retrieval recovers
-    far more slowly than its ITM accuracy (R@1 0.51 vs ITM 0.89 after 600 steps).
+    far more slowly than its ITM accuracy (R@1 0.51 vs ITM 0.89 after 600 steps). ``attention=False``
+    drops the attention-score MSE (for a finalized model, whose heads no longer match the teacher's).
     """
     with torch.no_grad():
         t_out = vlm_forward(teacher, batch, need=True)
@@ -193,7 +195,8 @@ def distillation_loss(student: ToyVLM, teacher: ToyVLM, batch, gates=None, tempe
           "kd_mlm": eff.soft_cross_entropy(s_out.mlm_logits, t_out.mlm_logits, temperature)}
     for m in MODALITIES:
         weight = IMAGE_HIDDEN_WEIGHT if m == "vision" else 1.0
-        kd[f"kd_{m}_hidden"], kd[f"kd_{m}_attn"] = eff.representation_losses(s_out.encoders[m], t_out.encoders[m], weight)
+        kd[f"kd_{m}_hidden"], kd[f"kd_{m}_attn"] = eff.representation_losses(s_out.encoders[m], t_out.encoders[m], weight,
+                                                                            attention)
     total = TASK_WEIGHT * sum(task.values()) + KD_WEIGHT * sum(kd.values())
     return total, {**{k: v.item() for k, v in task.items()}, **{k: v.item() for k, v in kd.items()}}
 
@@ -221,13 +224,18 @@ class PruningModel(nn.Module):
 
 def prune_student(student: ToyVLM, teacher: ToyVLM, clip: ClipModel, target: float, steps: int,
                   batch_size: int = 64, lr: float = 1e-4, gate_lr: float = 0.1, lambda_lr: float = 0.1,
-                  warmup_fraction: float = 0.3, seed: int = 0, progress: bool = True) -> tuple[ToyVLM, dict]:
+                  warmup_fraction: float = 0.3, seed: int = 0, progress: bool = True,
+                  recover_steps: int = 0) -> tuple[ToyVLM, dict]:
     """Modal-adaptive L0 pruning to one global ``target`` sparsity, then :func:`finalize`.
 
     The loss is the distillation loss of the gated student plus the Lagrangian; the target ramps
     up over ``warmup_fraction`` of the steps. The record logs, per step, the expected sparsity of
     each modality (the learned split), λ1, λ2 and the current target, plus gate snapshots.
+    ``recover_steps`` > 0 then distils the finalized model from the teacher for that many steps
+    (:func:`recover_pruned`); its record is ``record["recovery"]``.
     """
+    if recover_steps < 0:
+        raise ValueError(f"recover_steps must be >= 0, got {recover_steps}")
     target = eff.check_target(target)
     teacher.eval().requires_grad_(False)
     model = PruningModel(copy.deepcopy(student))
@@ -259,4 +267,21 @@ def prune_student(student: ToyVLM, teacher: ToyVLM, clip: ClipModel, target: flo
     record["sparsity_by_modality"] = model.gates.sparsity_by_modality()
     pruned = model.student
     record["sizes"] = eff.finalize(pruned, model.gates)
+    if recover_steps:
+        pruned, record["recovery"] = recover_pruned(pruned, teacher, clip, recover_steps, batch_size, lr, seed + 1,
+                                                    progress)
+    return pruned.eval(), record
+
+
+def recover_pruned(pruned: ToyVLM, teacher: ToyVLM, clip: ClipModel, steps: int, batch_size: int = 64,
+                   lr: float = 1e-4, seed: int = 0, progress: bool = True) -> tuple[ToyVLM, dict]:
+    """Distil the finalized (smaller) model from the teacher for ``steps`` more steps, gates gone.
+
+    The same loss as the student's (task + hidden-state and logits KD) minus the attention-score
+    MSE, whose head count no longer matches; the removed heads and units stay removed.
+    """
+    teacher.eval().requires_grad_(False)
+    cfg = TrainConfig(steps=steps, lr=lr, seed=seed, desc="recover", weight_decay=0.0)
+    record = fit(pruned, lambda model, batch: distillation_loss(model, teacher, batch, attention=False),
+                 VLMBatches(clip, batch_size, seed), cfg, device=clip.device, progress=progress)
     return pruned.eval(), record

@@ -39,3 +39,17 @@ def test_train_clip_fast_mode_writes_a_loadable_local_dir(tmp_path, capsys):
 
     clip = load_clip(f"local-dir:{out}", device="cpu")
     assert clip.config["labkit"]["training"]["steps"] == 3
+
+
+def test_train_pruned_fast_mode_prunes_recovers_and_saves(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LABKIT_FAST", "1")
+    out = tmp_path / "pruned"
+    assert main(["train", "pruned", "--recover-steps", "2", "--out", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["steps"] == 3 and 0.0 <= result["retrieval_r1"] <= 1.0
+    from labkit.vlm import load_vlm
+
+    model = load_vlm(out)
+    assert model.meta["recover_steps"] == 2 and set(model.meta["sparsity_by_modality"]) == {"vision", "text", "fusion"}
+    assert main(["train", "pruned", "--recover-steps", "-1", "--out", str(out), "--json"]) == 2
+    assert "recover_steps must be >= 0" in capsys.readouterr().err

@@ -8,7 +8,14 @@ import torch
 from labkit import efficient as eff
 from labkit.models import load_clip
 from labkit.vlm import ToyVLM, VLMConfig, load_vlm, save_vlm
-from labkit.vlm_train import PruningModel, VLMBatches, distillation_loss, make_student, sample_negatives
+from labkit.vlm_train import (
+    PruningModel,
+    VLMBatches,
+    distillation_loss,
+    make_student,
+    recover_pruned,
+    sample_negatives,
+)
 
 TINY = dict(width=32, heads=4, intermediate=16, vision_layers=2, text_layers=2, fusion_layers=2, embed_dim=16)
 
@@ -194,6 +201,25 @@ def test_gradients_flow_into_student_and_gates_never_into_the_teacher(batch):
     expected = {"kd_vision_hidden", "kd_text_attn", "kd_fusion_attn", "kd_itc", "kd_itm", "kd_mlm", "itc", "itm", "mlm"}
     assert expected <= set(metrics)
     assert math.isfinite(loss.item())
+
+
+def test_recovery_distils_a_finalized_model_without_attention_kd(clip, batch):
+    teacher = tiny_vlm(vision_layers=4, text_layers=2, fusion_layers=2).requires_grad_(False)
+    student = make_student(teacher)
+    gates = eff.Gates(student)
+    with torch.no_grad():
+        gates.log_alpha[0].copy_(torch.tensor([-9.0, 5.0, 5.0, 5.0]))  # one vision head of layer 0 removed
+    eff.finalize(student, gates)
+    with pytest.raises(RuntimeError):  # 3 heads against the teacher's 4: attention-score KD cannot apply
+        distillation_loss(student, teacher, batch)
+    _, metrics = distillation_loss(student, teacher, batch, attention=False)
+    assert all(metrics[f"kd_{m}_attn"] == 0.0 for m in ("vision", "text", "fusion")) and metrics["kd_vision_hidden"] > 0
+    sizes, before = student.sizes(), {n: p.detach().clone() for n, p in student.named_parameters()}
+    teacher_before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+    recovered, record = recover_pruned(student, teacher, clip, steps=2, batch_size=8, progress=False)
+    assert recovered.sizes() == sizes and record["steps"] == 2
+    assert any(not torch.equal(p, before[n]) for n, p in recovered.named_parameters())
+    assert all(torch.equal(p, teacher_before[n]) for n, p in teacher.named_parameters())
 
 
 # ---------------------------------------------------------------- evaluation
