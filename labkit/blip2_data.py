@@ -308,6 +308,17 @@ def evaluate_text_lm(lm: nn.Module, n: int = 200, seed: int = 0) -> dict:
     return {"lm_vqa_from_caption": float(np.mean(right)), "lm_vqa_from_caption_color_shape": float(np.mean(target))}
 
 
+def binding_chance(n: int = 300, seed: int = 0) -> float:
+    """Colour/shape QA accuracy of answering with the attribute of a *random* object of the scene.
+
+    What an LM that reads the caption's words but not which colour belongs to which shape scores
+    on the held-out scenes of :func:`evaluate_text_lm` (1 for one-object scenes, 1/2, 1/3 otherwise).
+    """
+    scenes = eval_scenes(n, seed)
+    return float(np.mean([1 / len(s.objects) for s in scenes for q, _ in s.questions()
+                          if question_type(q) in ("color", "shape")]))
+
+
 @torch.no_grad()
 def itc_retrieval_r1(model: Blip2Stage1, encoder: FrozenPatchEncoder, n: int = 1000, seed: int = 0) -> float:
     """Image->text R@1 with the stage-1 ITC similarity (max over queries) against canonical captions of 2-3-object scenes."""
@@ -350,15 +361,21 @@ def _record(record: dict, wall: float) -> dict:
 def train_text_lm(kind: str, steps: int = 3000, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
                   time_budget_s: float | None = None, out: str | Path | None = None,
                   progress: bool = True, meta: dict | None = None) -> tuple[nn.Module, dict]:
-    """Pretrain the lab's tiny LM on ToyWorld text alone; returns the LM and a record (loss curve, QA-from-caption accuracy)."""
+    """Pretrain the lab's tiny LM on ToyWorld text alone; returns the LM and a record (loss curve, QA-from-caption accuracy).
+
+    QA-from-caption accuracy is also measured ten times during training (``qa_curve``, 100 held-out
+    scenes): it sits at chance (the colour of *some* object in the caption) for thousands of steps,
+    then binding the asked shape to its colour is learned in a jump.
+    """
     torch.manual_seed(seed)
     lm, started = new_text_lm(kind), time.perf_counter()
     prefix_loss = False  # loss on the answer / caption only: on the caption prefix too, QA was never learned (see README)
     cfg = TrainConfig(steps=_steps(steps), lr=lr, seed=seed, weight_decay=0.01, time_budget_s=time_budget_s,
-                      desc=f"text LM ({kind})")
+                      desc=f"text LM ({kind})", eval_every=max(1, _steps(steps) // 10))
     record = fit(lm, lambda m, text: lm_loss(m, None, text, prefix_loss=prefix_loss), TextLMBatches(kind, batch_size, seed=seed),
-                 cfg, progress=progress)
-    info = {**_record(record, time.perf_counter() - started), **evaluate_text_lm(lm, n=50 if fast_mode() else 300)}
+                 cfg, evaluate=lambda m: evaluate_text_lm(m, n=10 if fast_mode() else 100), progress=progress)
+    info = {**_record(record, time.perf_counter() - started), **evaluate_text_lm(lm, n=50 if fast_mode() else 300),
+            "qa_curve": [{k: e[k] for k in ("step", "lm_vqa_from_caption_color_shape")} for e in record["evals"]]}
     if out:
         save_module(out, lm.state_dict(), {"kind": kind, "lm_config": lm.config.to_dict(), "training": info, **(meta or {})})
     return lm, info

@@ -200,7 +200,8 @@ def cmd_train_vlm(args) -> dict:
     else:
         teacher = load_vlm(args.teacher or assets / "teacher", clip.device)
         if args.what == "student":
-            model, record = train_student(teacher, clip, steps, lr=args.lr, evaluate=evaluate, **common)
+            init = load_vlm(args.init, clip.device) if args.init else None
+            model, record = train_student(teacher, clip, steps, lr=args.lr, evaluate=evaluate, init=init, **common)
         else:
             student = load_vlm(args.student or assets / "student", clip.device)
             model, record = prune_student(student, teacher, clip, args.target, steps, lr=args.lr,
@@ -213,6 +214,8 @@ def cmd_train_vlm(args) -> dict:
             "device": str(clip.device), "val": record["evals"][-1],
             "curve": [{k: v for k, v in h.items() if isinstance(v, float | int)}
                       for h in record["history"][::math.ceil(len(record["history"]) / 1000)]]}  # <= 1,000 points
+    if getattr(args, "init", None):  # provenance of a student distilled further
+        meta["init_from"] = {k: init.meta.get(k) for k in ("command", "steps", "wall_seconds", "init_from")}
     if args.what == "pruned":
         meta.update(target=args.target, sparsity_by_modality=record["sparsity_by_modality"],
                     recover_steps=record.get("recovery", {}).get("steps", 0))
@@ -332,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", default=None, help="checkpoint folder (default: the shipped labkit/assets/efficient/...)")
         if what != "teacher":
             p.add_argument("--teacher", default=None, help="teacher checkpoint (default: the shipped one)")
+        if what == "student":
+            p.add_argument("--init", default=None, help="start from this student checkpoint and distil it further")
         if what == "pruned":
             p.add_argument("--student", default=None, help="student checkpoint (default: the shipped one)")
             p.add_argument("--target", type=float, default=0.5, help="global target sparsity in [0, 1)")

@@ -10,7 +10,7 @@ import torch
 
 from .viz import _as_hwc
 
-__all__ = ["show_query_attention", "show_mask_layouts", "show_loss_curves", "show_generations"]
+__all__ = ["show_query_attention", "show_mask_layouts", "show_loss_curves", "show_qa_curve", "show_generations"]
 
 
 def show_query_attention(image, maps, title: str = "", cols: int | None = None, size: float = 1.5, alpha: float = 0.65):
@@ -81,6 +81,25 @@ def show_loss_curves(curves: dict, title: str = "", logy: bool = True, ax=None):
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return fig or ax.figure
+
+
+def show_qa_curve(points: list[dict], chance: float | None = None, ax=None):
+    """The text-only LM's colour/shape QA accuracy from the true caption over training, against ``chance``."""
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    if points:
+        ax.plot([p["step"] for p in points], [p["lm_vqa_from_caption_color_shape"] for p in points], "o-",
+                label="text-only LM, QA from the caption")
+    if chance is not None:
+        ax.axhline(chance, color="gray", ls="--", label=f"colour/shape of a random object ({chance:.2f})")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("step")
+    ax.set_ylabel("accuracy (colour, shape)")
+    ax.set_title("binding: which colour goes with which shape")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
     return fig or ax.figure
 
 

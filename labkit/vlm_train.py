@@ -202,10 +202,18 @@ def distillation_loss(student: ToyVLM, teacher: ToyVLM, batch, gates=None, tempe
 
 
 def train_student(teacher: ToyVLM, clip: ClipModel, steps: int, batch_size: int = 64, lr: float = 2e-4,
-                  seed: int = 0, out_dir: str | None = None, evaluate=None, progress: bool = True) -> tuple[ToyVLM, dict]:
-    """Distil ``teacher`` into a half-depth student (EfficientVLM §3.1)."""
+                  seed: int = 0, out_dir: str | None = None, evaluate=None, progress: bool = True,
+                  init: ToyVLM | None = None) -> tuple[ToyVLM, dict]:
+    """Distil ``teacher`` into a half-depth student (EfficientVLM §3.1).
+
+    The student starts from the teacher's mapped layers (:func:`make_student`), or from ``init``, an
+    earlier student, to distil it further (a fresh schedule; pass another ``seed`` for fresh batches).
+    """
     teacher.eval().requires_grad_(False)
-    student = make_student(teacher)
+    if init is not None and any(2 * init.cfg.layers(m) != teacher.cfg.layers(m) for m in MODALITIES):
+        raise ValueError(f"init has {[init.cfg.layers(m) for m in MODALITIES]} (vision, text, fusion) layers, not half "
+                         f"of the teacher's {[teacher.cfg.layers(m) for m in MODALITIES]}: it is not this teacher's student")
+    student = make_student(teacher) if init is None else init
     cfg = TrainConfig(steps=steps, lr=lr, seed=seed, out_dir=out_dir, desc="student", eval_every=max(1, steps // 4))
     record = fit(student, lambda model, batch: distillation_loss(model, teacher, batch), VLMBatches(clip, batch_size, seed),
                  cfg, evaluate=evaluate, device=clip.device, progress=progress)

@@ -53,3 +53,19 @@ def test_train_pruned_fast_mode_prunes_recovers_and_saves(tmp_path, capsys, monk
     assert model.meta["recover_steps"] == 2 and set(model.meta["sparsity_by_modality"]) == {"vision", "text", "fusion"}
     assert main(["train", "pruned", "--recover-steps", "-1", "--out", str(out), "--json"]) == 2
     assert "recover_steps must be >= 0" in capsys.readouterr().err
+
+
+def test_train_student_fast_mode_continues_from_a_student_and_rejects_a_non_student(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LABKIT_FAST", "1")
+    from labkit.efficient_eval import efficient_assets_dir
+    from labkit.vlm import load_vlm
+
+    out = tmp_path / "student"
+    shipped = efficient_assets_dir() / "student"
+    assert main(["train", "student", "--init", str(shipped), "--seed", "1", "--out", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 3
+    model = load_vlm(out)
+    assert model.meta["init_from"]["steps"] == load_vlm(shipped).meta["steps"]
+    teacher = str(efficient_assets_dir() / "teacher")
+    assert main(["train", "student", "--init", teacher, "--out", str(out), "--json"]) == 2
+    assert "not half of the teacher's" in capsys.readouterr().err
