@@ -100,10 +100,11 @@ def test_search_matches_brute_force_and_prefers_cache_when_text_is_useless():
         tip.search_alpha_beta(feats[:0], labels[:0], W, keys, values)
 
 
-@pytest.mark.parametrize("n_fixed, helps", [(3, False), (6, True)])
+@pytest.mark.parametrize("n_fixed, helps", [(3, False), (8, True)])
 def test_search_keeps_the_cache_only_when_mcnemar_says_it_helps(n_fixed, helps):
     """Text right on all but ``n_fixed`` of 200 images, a cache that fixes exactly those: 3 fixed, 0 broken
-    is chi2 = 3 < 3.84 (not shown to help, zero-shot kept, although validation accuracy rises); 6 is 6 > 3.84."""
+    is chi2 = 3, below the critical 5.73 (5 %, Bonferroni over 3 non-zero settings): zero-shot is kept
+    although validation accuracy rises; 8 is 8 > 5.73."""
     C, D = 4, 16
     centers = unit(C, D, seed=5)
     labels = torch.arange(200) % C
@@ -111,10 +112,16 @@ def test_search_keeps_the_cache_only_when_mcnemar_says_it_helps(n_fixed, helps):
     labels[:n_fixed] = (labels[:n_fixed] + 1) % C  # the text classifier (centers) gets these wrong
     keys, values = feats, F.one_hot(labels, C).float()  # a cache holding every image: it knows the true labels
     s = tip.search_alpha_beta(feats, labels, centers, keys, values, alphas=(0.0, 1.0, 10.0, 1000.0), betas=(1000.0,))
-    assert s["mcnemar"] == {"fixed": n_fixed, "broken": 0, "chi2": float(n_fixed)}  # of the best-calibrated candidate
+    assert s["mcnemar"] == {"fixed": n_fixed, "broken": 0, "chi2": float(n_fixed), "critical": 5.731}  # of the candidate
     assert s["zero_shot_accuracy"] == pytest.approx(1 - n_fixed / 200)
     assert float(s["grid"].max()) == 1.0
     assert s["cache_helps"] is helps and (s["alpha"] > 0) is helps
+
+
+def test_mcnemar_critical_values_are_the_chi2_quantiles():
+    assert tip.mcnemar_critical(1) == pytest.approx(3.8415, abs=1e-4)  # chi2(1) at 5 %
+    assert tip.mcnemar_critical(10) == pytest.approx(7.8794, abs=1e-4)  # chi2(1) at 0.5 %
+    assert tip.mcnemar_critical(232) > tip.mcnemar_critical(10)
 
 
 def test_augment_views_shapes_randomness_and_identity():
