@@ -422,11 +422,14 @@ def load_stage1(path: str | Path = ASSETS / "stage1") -> Blip2Stage1:
 def train_stage2(encoder: FrozenPatchEncoder, lm: nn.Module, stage1: Blip2Stage1 | None = None, steps: int = 3000,
                  batch_size: int = 64, lr: float = 1e-3, seed: int = 0, time_budget_s: float | None = None,
                  out: str | Path | None = None, progress: bool = True, eval_n: int = 200,
-                 meta: dict | None = None) -> tuple[Blip2Stage2, dict]:
-    """Stage 2 (§3.3): Q-Former (from stage 1 when given) + projection into the frozen LM, captioning and VQA."""
+                 meta: dict | None = None, text_conditioned: bool = False) -> tuple[Blip2Stage2, dict]:
+    """Stage 2 (§3.3): Q-Former (from stage 1 when given) + projection into the frozen LM, captioning and VQA.
+
+    ``text_conditioned``: the Q-Former also reads the prompt text (the question), as BLIP-2 does for VQA (§4.3).
+    """
     torch.manual_seed(seed)
     qformer = copy.deepcopy(stage1.qformer) if stage1 is not None else None
-    model = Blip2Stage2(stage1_config(), lm, qformer=qformer)
+    model = Blip2Stage2(stage1_config(), lm, qformer=qformer, text_conditioned=text_conditioned)
     started = time.perf_counter()
     cfg = TrainConfig(steps=_steps(steps), lr=lr, seed=seed, weight_decay=0.05, time_budget_s=time_budget_s,
                       desc=f"stage 2 ({model.lm_kind})")
@@ -436,13 +439,14 @@ def train_stage2(encoder: FrozenPatchEncoder, lm: nn.Module, stage1: Blip2Stage1
     info.update(evaluate_stage2(model, encoder, n=min(eval_n, 30) if fast_mode() else eval_n, details=False))
     if out:
         save_module(out, model.trainable_state(), {"qformer": model.config.to_dict(), "lm_kind": model.lm_kind,
-                                                   "from_stage1": stage1 is not None, "training": info, **(meta or {})})
+                                                   "from_stage1": stage1 is not None, "text_conditioned": text_conditioned,
+                                                   "training": info, **(meta or {})})
     return model, info
 
 
 def load_stage2(path: str | Path, lm: nn.Module) -> Blip2Stage2:
     state, config = load_module_state(path)
-    model = Blip2Stage2(QFormerConfig(**config["qformer"]), lm)
+    model = Blip2Stage2(QFormerConfig(**config["qformer"]), lm, text_conditioned=config.get("text_conditioned", False))
     missing = set(model.trainable_state()) - set(state)
     if missing:
         raise ValueError(f"stage-2 checkpoint {path} lacks {sorted(missing)[:5]}")

@@ -211,24 +211,32 @@ class Blip2Stage2(nn.Module):
 
     ``forward(images, text)`` returns the LM loss of ``text.suffix`` given the visual prompts and
     ``text.prefix``; ``images`` go through the frozen ``image_encoder`` or, without one, are taken
-    to be its features ``[B, N, encoder_width]`` already. The Q-Former's text-only parts (word and
-    position embeddings, text FFNs) are unused in stage 2 and frozen, as LAVIS removes them.
+    to be its features ``[B, N, encoder_width]`` already.
+
+    ``text_conditioned=False`` is §3.3: the queries alone make the prompts, and the Q-Former's
+    text-only parts (word and position embeddings, text FFNs) are unused and frozen, as LAVIS
+    removes them. ``text_conditioned=True`` is BLIP-2's VQA set-up (§4.3, Figure 7): the prompt text
+    (the question; ``<sot>`` for a caption) also enters the Q-Former, where it meets the queries in
+    self-attention (the ITM layout), so the queries can fetch what the question asks about; the
+    text parts are then trained too.
     """
 
     def __init__(self, config: QFormerConfig, lm: nn.Module, image_encoder: nn.Module | None = None,
-                 qformer: QFormer | None = None):
+                 qformer: QFormer | None = None, text_conditioned: bool = False):
         super().__init__()
         self.lm_kind = lm_kind_of(lm)
         self.qformer = qformer if qformer is not None else QFormer(config)
         self.config = self.qformer.config
+        self.text_conditioned = text_conditioned
         self.proj = nn.Linear(self.config.hidden, lm_hidden(lm))
         self.lm = lm.requires_grad_(False).eval()
         self.image_encoder = image_encoder
         if image_encoder is not None:
             image_encoder.requires_grad_(False).eval()
-        for module in (self.qformer.word_embeddings, self.qformer.position_embeddings,
-                       *(layer.ffn_text for layer in self.qformer.layers)):
-            module.requires_grad_(False)
+        if not text_conditioned:
+            for module in (self.qformer.word_embeddings, self.qformer.position_embeddings,
+                           *(layer.ffn_text for layer in self.qformer.layers)):
+                module.requires_grad_(False)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -240,17 +248,24 @@ class Blip2Stage2(nn.Module):
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         return frozen_image_features(self.image_encoder, images)
 
-    def prompts(self, images: torch.Tensor) -> torch.Tensor:
-        """Soft visual prompts ``[B, Q, LM hidden]``: projected query outputs."""
-        return self.proj(self.qformer(self.image_features(images)).query)
+    def prompts(self, images: torch.Tensor, prefix_ids: torch.Tensor | None = None,
+                prefix_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Soft visual prompts ``[B, Q, LM hidden]``: projected query outputs (text-conditioned: given the prefix)."""
+        feats = self.image_features(images)
+        if not self.text_conditioned:
+            return self.proj(self.qformer(feats).query)
+        if prefix_ids is None:
+            raise ValueError("a text-conditioned Q-Former needs the prompt text (prefix_ids)")
+        return self.proj(self.qformer(feats, prefix_ids, prefix_mask, mode="itm").query)
 
     def forward(self, images: torch.Tensor, text: TextBatch) -> torch.Tensor:
-        return lm_loss(self.lm, self.prompts(images), text)
+        return lm_loss(self.lm, self.prompts(images, text.prefix_ids, text.prefix_mask), text)
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor,
                  max_new_tokens: int, eos_id: int) -> torch.Tensor:
-        return lm_generate(self.lm, self.prompts(images), prefix_ids, prefix_mask, max_new_tokens, eos_id)
+        return lm_generate(self.lm, self.prompts(images, prefix_ids, prefix_mask), prefix_ids, prefix_mask,
+                           max_new_tokens, eos_id)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Only what stage 2 trains (query path + projection): what its checkpoint ships."""

@@ -151,7 +151,7 @@ def cmd_train_qformer(args) -> dict:
     lm = load_text_lm(paths["lm"](args.lm))
     stage1 = load_stage1(paths["stage1"]) if not args.no_stage1 else None
     _, info = train_stage2(encoder, lm, stage1, args.steps, args.batch_size, args.lr, args.seed, budget,
-                           paths["stage2"](args.lm), eval_n=args.eval_n, meta=meta)
+                           paths["stage2"](args.lm), eval_n=args.eval_n, meta=meta, text_conditioned=args.text_conditioned)
     return {"out": str(paths["stage2"](args.lm)), **{k: v for k, v in info.items() if k != "curve"}}
 
 
@@ -356,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--assets", default=None, help="checkpoint folder (default: the shipped labkit/assets/blip2)")
     p.add_argument("--no-stage1", action="store_true", help="stage 2 from a fresh Q-Former instead of the stage-1 one")
     p.add_argument("--eval-n", type=int, default=200, help="held-out scenes evaluated after stage 2")
+    p.add_argument("--text-conditioned", action="store_true",
+                   help="stage 2: the Q-Former also reads the question (BLIP-2's VQA set-up, §4.3)")
     p.set_defaults(func=cmd_train_qformer)
 
     p = evaluate.add_parser("qformer", help="BLIP-2 stage 2 captioning/VQA, stage-1 ITC R@1, HF equivalence, param counts")

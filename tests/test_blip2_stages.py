@@ -12,13 +12,23 @@ from labkit.blip2_data import (
     FrozenPatchEncoder,
     Stage2Batches,
     caption_attribute_hits,
+    load_stage2,
     new_text_lm,
     parse_caption,
     query_cross_attention,
     render,
     stage1_config,
 )
-from labkit.blip2_lm import Blip2Stage2, TextBatch, decoder_labels, lm_generate, lm_loss, new_lm, pack_left
+from labkit.blip2_lm import (
+    Blip2Stage2,
+    TextBatch,
+    decoder_labels,
+    lm_generate,
+    lm_loss,
+    new_lm,
+    pack_left,
+    save_module,
+)
 from labkit.clip import new_toy_clip
 from labkit.train import TrainConfig, fit
 
@@ -185,3 +195,28 @@ def test_cli_train_and_eval_qformer_json(tmp_path, clip, capsys):
     assert keys <= result.keys()
     assert result["hf_equivalence_max_abs_diff"] <= 1e-5 and 0 < result["trainable_fraction"] <= 0.5
     assert sorted((tmp_path / "blip2").iterdir()) == [tmp_path / "blip2" / d for d in ("lm_opt", "stage1", "stage2_opt")]
+
+
+def test_text_conditioned_stage2_reads_the_question_and_trains_the_text_parts(encoder, tmp_path):
+    """BLIP-2 §4.3: the question enters the Q-Former; different questions give different prompts."""
+    torch.manual_seed(0)
+    model = Blip2Stage2(stage1_config(), new_text_lm("t5"), image_encoder=encoder, text_conditioned=True).train()
+    images, text = _images(2), _text()
+    with pytest.raises(ValueError, match="needs the prompt text"):
+        model.prompts(images)
+    loss = model(images, text)
+    loss.backward()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert any("word_embeddings" in n for n in trainable) and any("ffn_text" in n for n in trainable)
+    assert all(p.grad is None for p in model.lm.parameters())
+    assert model.qformer.word_embeddings.weight.grad.abs().sum() > 0
+    model.eval()
+    a = model.prompts(images, torch.tensor([[5, 6], [5, 6]]), torch.ones(2, 2, dtype=torch.bool))
+    b = model.prompts(images, torch.tensor([[7, 8], [7, 8]]), torch.ones(2, 2, dtype=torch.bool))
+    assert not torch.allclose(a, b)
+    save_module(tmp_path / "s2", model.trainable_state(), {"qformer": model.config.to_dict(), "text_conditioned": True})
+    loaded = load_stage2(tmp_path / "s2", model.lm)
+    assert loaded.text_conditioned
+    loaded.image_encoder = encoder
+    assert torch.allclose(loaded.prompts(images, torch.tensor([[5, 6], [5, 6]]), torch.ones(2, 2, dtype=torch.bool)), a,
+                          atol=1e-2)  # fp16 checkpoint
