@@ -3,7 +3,8 @@
 Run a command with --json and keep its last line in results/NAME.json, e.g.
     labkit eval clip --json | tail -n 1 > results/eval_clip.json
 then `python scripts/update_readme.py` rewrites every block between
-<!-- results:NAME --> and <!-- /results:NAME --> from results/NAME.json.
+<!-- results:NAME --> and <!-- /results:NAME --> from results/NAME.json, and redraws the README's
+figures (docs/img) from the same files.
 """
 
 from __future__ import annotations
@@ -106,6 +107,28 @@ def render(name: str) -> str:
     return key_value_table(data)
 
 
+def figures() -> dict:
+    """docs/img file name -> (results file, function drawing a matplotlib Figure from its JSON)."""
+    from labkit import viz_masking, viz_tip
+
+    def tip_shots(data):
+        return viz_tip.accuracy_vs_shots_figure(data["results"], "test accuracy versus shots (mean of 3 support draws)")
+
+    return {"masking_accuracy_vs_time.png": ("eval_masking", viz_masking.accuracy_vs_time_figure),
+            "masking_accuracy_by_size.png": ("eval_masking", viz_masking.size_accuracy_figure),
+            "tip_accuracy_vs_shots.png": ("eval_tip", tip_shots)}
+
+
+def draw_figures() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    for name, (source, draw) in figures().items():
+        path = ROOT / "results" / f"{source}.json"
+        if path.is_file():
+            draw(json.loads(path.read_text())).savefig(ROOT / "docs" / "img" / name, dpi=90, bbox_inches="tight")
+
+
 def main() -> int:
     readme = ROOT / "README.md"
     text = readme.read_text()
@@ -120,6 +143,7 @@ def main() -> int:
         return match.group(1) + render(name) + "\n" + match.group(4)
 
     readme.write_text(pattern.sub(replace, text))
+    draw_figures()
     if missing:
         print("no results yet for:", ", ".join(missing), file=sys.stderr)
     return 0
