@@ -112,7 +112,8 @@ def figures() -> dict:
     from labkit import viz_masking, viz_tip
 
     def tip_shots(data):
-        return viz_tip.accuracy_vs_shots_figure(data["results"], "test accuracy versus shots (mean of 3 support draws)")
+        return viz_tip.accuracy_vs_shots_figure(data["results"],
+                                                f"test accuracy versus shots (mean of {data['repeats']} support draws)")
 
     return {"masking_accuracy_vs_time.png": ("eval_masking", viz_masking.accuracy_vs_time_figure),
             "masking_accuracy_by_size.png": ("eval_masking", viz_masking.size_accuracy_figure),
