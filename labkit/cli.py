@@ -231,8 +231,10 @@ def cmd_eval_efficient(args) -> dict:
     assets, clip = efficient_assets_dir(), load_clip(args.clip)
     models = [load_vlm(getattr(args, w) or assets / w, clip.device) for w in ("teacher", "student", "pruned")]
     targets = tuple(float(t) for t in args.sweep.split(",") if t.strip())
-    n, steps, repeats = (60, 2, 2) if fast_mode() else (args.n, args.sweep_steps, args.repeats)
-    result = eval_efficient(clip, *models, sweep_targets=targets, sweep_steps=steps, n=n, bench_batch=args.bench_batch,
+    n, steps, recover, repeats = ((60, 2, 2, 2) if fast_mode() else
+                                  (args.n, args.sweep_steps, args.sweep_recover_steps, args.repeats))
+    result = eval_efficient(clip, *models, sweep_targets=targets, sweep_steps=steps, sweep_recover_steps=recover,
+                            n=n, bench_batch=args.bench_batch,
                             repeats=repeats, progress=not args.json)
     _save_json(result, args.save)
     return result
@@ -339,8 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--init", default=None, help="start from this student checkpoint and distil it further")
         if what == "pruned":
             p.add_argument("--student", default=None, help="student checkpoint (default: the shipped one)")
-            p.add_argument("--target", type=float, default=0.5, help="global target sparsity in [0, 1)")
-            p.add_argument("--recover-steps", type=int, default=0,
+            p.add_argument("--target", type=float, default=0.3, help="global target sparsity in [0, 1)")
+            p.add_argument("--recover-steps", type=int, default=500,
                            help="distil the finalized model from the teacher for this many more steps")
         p.set_defaults(func=cmd_train_vlm)
 
@@ -375,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=1000, help="held-out test scenes")
     p.add_argument("--sweep", default="0.3,0.5,0.7", help="comma-separated target sparsities pruned afresh")
     p.add_argument("--sweep-steps", type=int, default=300, help="pruning steps per sweep point")
+    p.add_argument("--sweep-recover-steps", type=int, default=150, help="recovery distillation steps per sweep point")
     p.add_argument("--bench-batch", type=int, default=128, help="image-caption pairs per timed inference")
     p.add_argument("--repeats", type=int, default=15, help="timed repeats (median) after 3 warm-up runs")
     p.add_argument("--save", default=None, help="also write the JSON result to this file")

@@ -77,10 +77,12 @@ def efficient_table(data: dict) -> str:
 
     lines.append(row("teacher", data["teacher_params"], 1.0, m["teacher"]))
     lines.append(row("student (distilled)", data["student_params"], data["student_speedup"], m["student"]))
-    lines.append(row(f"pruned, target {data.get('pruned_target')} (shipped)", data["pruned_params"], data["speedup"],
+    shipped = f"pruned, target {data['pruned_target']} + {data['pruned_recover_steps']} recovery steps (shipped)"
+    lines.append(row(shipped, data["pruned_params"], data["speedup"],
                      m["pruned"], data["sparsity_by_modality"]))
     for r in data["sweep"]:
-        lines.append(row(f"sweep: target {r['target']} ({data['sweep_steps']} steps)", r["params"], r["speedup"],
+        steps = f"{data['sweep_steps']} + {data['sweep_recover_steps']} recovery steps"
+        lines.append(row(f"sweep: target {r['target']} ({steps})", r["params"], r["speedup"],
                          m[f"target_{r['target']}"], r["sparsity_by_modality"]))
     lines.append("")
     lines.append(f"Speed: median of `match_scores` on {data['bench_batch']} image-caption pairs, teacher "
