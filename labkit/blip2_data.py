@@ -171,14 +171,16 @@ class Stage1Batches:
     """Stage-1 batches of fresh scenes: ``(features [B, N, W], text ids, text mask)``; half in hard-negative groups.
 
     Reuses the toy CLIP's pretraining sampler (:class:`labkit.clip.PretrainBatches`): groups of 4
-    scenes that differ only in their shapes make ITC and ITM need the shape words.
+    scenes that differ only in their shapes, or only in their colours, make ITC and ITM (and so
+    the queries' attention) need both words of each object; with shape groups alone the Q-Former
+    learned to look up an object by its shape but never by its colour.
     """
 
     def __init__(self, encoder: FrozenPatchEncoder, clip: ClipModel, batch_size: int = 64, seed: int = 0):
         from .clip import PretrainBatches
 
         self.encoder, self.tok = encoder, tokenizer()
-        self.sampler = PretrainBatches(clip, batch_size, caption_drop=0.0, seed=seed + 3)
+        self.sampler = PretrainBatches(clip, batch_size, caption_drop=0.0, seed=seed + 3, vary=("shape", "color"))
 
     def __call__(self, step: int, rank: int = 0, world: int = 1):
         scenes, captions = self.sampler.scenes(step, rank, world)
@@ -556,10 +558,14 @@ def real_query_attention(model_id: str, image: np.ndarray) -> tuple[torch.Tensor
 # ---------------------------------------------------------------- looking inside
 
 @torch.no_grad()
-def query_cross_attention(qformer, feats: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+def query_cross_attention(qformer, feats: torch.Tensor, layer: int | None = None, text_ids: torch.Tensor | None = None,
+                          text_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Each query's cross-attention over the image patches, ``[B, Q, g, g]``: mean over heads and cross-attention layers
-    (or one ``layer``). The patch grid is square (8×8 for the toy CLIP)."""
-    all_maps = qformer(feats, return_attention=True).cross_attentions
+    (or one ``layer``). The patch grid is square (8×8 for the toy CLIP). With ``text_ids`` the queries also read
+    that text (ITM layout), as a text-conditioned stage 2 reads the question."""
+    out = qformer(feats, return_attention=True) if text_ids is None else \
+        qformer(feats, text_ids, text_mask, mode="itm", return_attention=True)
+    all_maps = out.cross_attentions
     if layer is not None and (not 0 <= layer < len(all_maps) or all_maps[layer] is None):
         raise ValueError(f"Q-Former layer {layer} has no cross-attention (layers 0, "
                          f"{qformer.config.cross_attention_frequency}, ... of {len(all_maps)} have)")
@@ -569,6 +575,20 @@ def query_cross_attention(qformer, feats: torch.Tensor, layer: int | None = None
     if grid * grid != maps.shape[-1]:
         raise ValueError(f"{maps.shape[-1]} image tokens do not form a square grid (drop the CLS token first)")
     return maps.unflatten(-1, (grid, grid))
+
+
+def question_attention(model: Blip2Stage2, feats: torch.Tensor, questions: list[str]) -> torch.Tensor:
+    """Where a text-conditioned stage 2 looks for each question: the queries' mean cross-attention, ``[len(questions), g, g]``,
+    on one image's features ``[1, N, W]``; the question enters exactly as in training (the LM prefix)."""
+    if not model.text_conditioned:
+        raise ValueError("question_attention needs a text-conditioned stage 2 (--text-conditioned); "
+                         "this one does not read the question")
+    tok = tokenizer()
+    text = TextBatch.from_lists([qa_text(tok, q)[0] for q in questions], [[tok.ids[EOT]]] * len(questions))
+    text = text.to(feats.device)
+    maps = query_cross_attention(model.qformer, feats.expand(len(questions), -1, -1), text_ids=text.prefix_ids,
+                                 text_mask=text.prefix_mask)
+    return maps.mean(dim=1)
 
 
 @torch.no_grad()

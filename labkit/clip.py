@@ -47,13 +47,19 @@ def new_toy_clip(config: dict | None = None, device=None) -> ClipModel:
 # ---------------------------------------------------------------- pretraining data
 
 class PretrainBatches:
-    """``make_batch(step, rank, world)`` for CLIP pretraining: random scenes plus hard-negative groups."""
+    """``make_batch(step, rank, world)`` for CLIP pretraining: random scenes plus hard-negative groups.
+
+    ``vary``: what the scenes of a group differ in, cycled over the groups (``("shape",)`` for CLIP;
+    BLIP-2's stage 1 adds ``"color"`` so that ITC and ITM also need each object's colour).
+    """
 
     def __init__(self, clip: ClipModel, batch_size: int = 128, hard_fraction: float = 0.5, group_size: int = 4,
-                 caption_drop: float = 0.2, seed: int = 0):
+                 caption_drop: float = 0.2, seed: int = 0, vary: tuple[str, ...] = ("shape",)):
         if batch_size < 2:
             raise ValueError(f"batch_size must be at least 2, got {batch_size}")
-        self.clip, self.batch_size, self.group_size = clip, batch_size, group_size
+        if not vary:
+            raise ValueError("vary must name at least one attribute ('shape' and/or 'color')")
+        self.clip, self.batch_size, self.group_size, self.vary = clip, batch_size, group_size, tuple(vary)
         self.n_groups = int(batch_size * hard_fraction) // group_size
         self.world = tw.ToyWorld("train", seed, TRAIN_INDEX_SPACE, caption_drop=caption_drop)
 
@@ -65,7 +71,7 @@ class PretrainBatches:
         captions = [w.caption(base + i, s) for i, s in enumerate(scenes)]
         for g in range(self.n_groups):
             index = base + n_random + g
-            for j, scene in enumerate(w.hard_negative_group(index, self.group_size)):
+            for j, scene in enumerate(w.hard_negative_group(index, self.group_size, self.vary[g % len(self.vary)])):
                 scenes.append(scene)
                 captions.append(scene.caption(w.rng(index, 3 + j), w.caption_drop))
         return scenes, captions

@@ -13,7 +13,7 @@ Splits
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -270,23 +270,27 @@ class ToyWorld(torch.utils.data.Dataset):
         image = torch.from_numpy(scene.render(self.image_size).copy()).permute(2, 0, 1)
         return {"image": image, "caption": self.caption(index, scene), "scene": scene}
 
-    def hard_negative_group(self, index: int, n: int = 4) -> list[Scene]:
-        """``n`` scenes identical in everything (colours, sizes, positions, background) but their shapes.
+    def hard_negative_group(self, index: int, n: int = 4, vary: str = "shape") -> list[Scene]:
+        """``n`` scenes identical in everything (colours, sizes, positions, background) but ``vary``.
 
-        In random batches captions can be told apart by colour, position and size alone; such
-        groups make the contrastive loss need the shape words (DESIGN.md, measured facts).
+        ``vary="shape"``: in random batches captions can be told apart by colour, position and size
+        alone; such groups make the contrastive loss need the shape words (DESIGN.md, measured facts).
+        ``vary="color"``: the same for colour words (colours drawn afresh per object, swaps included),
+        so that a model must tie each colour to its object.
         """
+        if vary not in ("shape", "color"):
+            raise ValueError(f"vary must be 'shape' or 'color', got {vary!r}")
         base = self.scene(index)
         rng = self.rng(index, 2)
-        pool = NOVEL_SHAPES if self.split == "novel" else BASE_SHAPES
+        pool = (NOVEL_SHAPES if self.split == "novel" else BASE_SHAPES) if vary == "shape" else tuple(COLORS)
         group = [base]
-        seen = {tuple(o.shape for o in base.objects)}
+        seen = {tuple(getattr(o, vary) for o in base.objects)}
         while len(group) < n:
-            shapes = tuple(pool[i] for i in rng.integers(len(pool), size=len(base.objects)))
-            if shapes in seen:
+            values = tuple(pool[i] for i in rng.integers(len(pool), size=len(base.objects)))
+            if values in seen:
                 continue
-            seen.add(shapes)
-            objs = tuple(ToyObject(s, o.color, o.size, o.position, o.cx, o.cy) for s, o in zip(shapes, base.objects))
+            seen.add(values)
+            objs = tuple(replace(o, **{vary: v}) for v, o in zip(values, base.objects))
             group.append(Scene(objs, base.background, base.texture, base.texture_seed))
         return group
 

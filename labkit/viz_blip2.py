@@ -13,8 +13,11 @@ from .viz import _as_hwc
 __all__ = ["show_query_attention", "show_mask_layouts", "show_loss_curves", "show_qa_curve", "show_generations"]
 
 
-def show_query_attention(image, maps, title: str = "", cols: int | None = None, size: float = 1.5, alpha: float = 0.65):
+def show_query_attention(image, maps, title: str = "", cols: int | None = None, size: float = 1.5, alpha: float = 0.65,
+                         labels: list[str] | None = None):
     """Each query's cross-attention over the image: one panel per query, the map (``[Q, g, g]``) upsampled over the picture.
+
+    ``labels`` titles the panels (default ``query 0``, ``query 1``, ...).
 
     All panels share one colour scale whose top is at least 4× the uniform weight ``1/g²``: a
     query attending uniformly (as at initialisation) stays dim, a focused one lights up. The first
@@ -39,7 +42,7 @@ def show_query_attention(image, maps, title: str = "", cols: int | None = None, 
         ax = axes.flat[q + 1]
         ax.imshow(image, interpolation="nearest")
         ax.imshow(m.numpy(), cmap="inferno", alpha=alpha, extent=(0, w, h, 0), interpolation="bilinear", vmin=0, vmax=top)
-        ax.set_title(f"query {q}", fontsize=7)
+        ax.set_title(labels[q] if labels else f"query {q}", fontsize=7)
     fig.suptitle(f"{title}\n(shared colour scale: top = {top / uniform:.1f}× the uniform weight 1/{maps[0].numel()})",
                  fontsize=9)
     fig.tight_layout()

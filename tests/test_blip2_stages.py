@@ -10,12 +10,14 @@ import torch.nn.functional as F
 from labkit import toyworld as tw
 from labkit.blip2_data import (
     FrozenPatchEncoder,
+    Stage1Batches,
     Stage2Batches,
     caption_attribute_hits,
     load_stage2,
     new_text_lm,
     parse_caption,
     query_cross_attention,
+    question_attention,
     render,
     stage1_config,
 )
@@ -51,6 +53,16 @@ def _images(n=3):
 
 def _text():
     return TextBatch.from_lists([[5, 6, 7], [8]], [[9, 10, 67], [11, 67]])
+
+
+def test_stage1_hard_negative_groups_vary_shape_and_colour(clip, encoder):
+    """Stage-1 groups alternate: scenes differing only in shapes, then only in colours (the binding of both words)."""
+    scenes, _ = Stage1Batches(encoder, clip, batch_size=32).sampler.scenes(0)
+    groups = [scenes[16 + 4 * g: 20 + 4 * g] for g in range(4)]
+    for g, group in enumerate(groups):
+        varied, kept = ("shape", "color") if g % 2 == 0 else ("color", "shape")
+        assert len({tuple(getattr(o, varied) for o in s.objects) for s in group}) == 4
+        assert len({tuple(getattr(o, kept) for o in s.objects) for s in group}) == 1
 
 
 def test_encoder_gives_second_to_last_layer_patch_tokens(clip, encoder):
@@ -214,6 +226,12 @@ def test_text_conditioned_stage2_reads_the_question_and_trains_the_text_parts(en
     a = model.prompts(images, torch.tensor([[5, 6], [5, 6]]), torch.ones(2, 2, dtype=torch.bool))
     b = model.prompts(images, torch.tensor([[7, 8], [7, 8]]), torch.ones(2, 2, dtype=torch.bool))
     assert not torch.allclose(a, b)
+    feats = encoder(images[:1])
+    maps = question_attention(model, feats, ["what shape is the red object?", "what color is the star?"])
+    assert maps.shape == (2, 8, 8) and torch.allclose(maps.sum(dim=(1, 2)), torch.ones(2), atol=1e-5)
+    assert not torch.allclose(maps[0], maps[1])
+    with pytest.raises(ValueError, match="needs a text-conditioned stage 2"):
+        question_attention(Blip2Stage2(stage1_config(), model.lm, image_encoder=encoder), feats, ["what color is the star?"])
     save_module(tmp_path / "s2", model.trainable_state(), {"qformer": model.config.to_dict(), "text_conditioned": True})
     loaded = load_stage2(tmp_path / "s2", model.lm)
     assert loaded.text_conditioned

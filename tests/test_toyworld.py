@@ -73,16 +73,22 @@ def test_shifted_split_has_textured_backgrounds():
     assert all(colours(shifted, i) > 1 for i in range(50))
 
 
-def test_hard_negative_group_differs_only_in_shapes():
-    group = tw.ToyWorld("train", 0, 100).hard_negative_group(7, n=4)
+@pytest.mark.parametrize("vary, kept", [("shape", ("color", "size", "position", "cx", "cy")),
+                                         ("color", ("shape", "size", "position", "cx", "cy"))])
+def test_hard_negative_group_differs_only_in_one_attribute(vary, kept):
+    group = tw.ToyWorld("train", 0, 100).hard_negative_group(7, n=4, vary=vary)
     assert len(group) == 4
     base = group[0]
-    shape_tuples = {tuple(o.shape for o in s.objects) for s in group}
-    assert len(shape_tuples) == 4
+    assert len({tuple(getattr(o, vary) for o in s.objects) for s in group}) == 4
     for scene in group[1:]:
-        assert scene.background == base.background
+        assert (scene.background, scene.texture, scene.texture_seed) == (base.background, base.texture, base.texture_seed)
         for a, b in zip(scene.objects, base.objects):
-            assert (a.color, a.size, a.position, a.cx, a.cy) == (b.color, b.size, b.position, b.cx, b.cy)
+            assert [getattr(a, k) for k in kept] == [getattr(b, k) for k in kept]
+
+
+def test_hard_negative_group_rejects_unknown_attribute():
+    with pytest.raises(ValueError, match="vary must be 'shape' or 'color'"):
+        tw.ToyWorld("train", 0, 100).hard_negative_group(7, vary="size")
 
 
 def test_questions_have_correct_answers():
