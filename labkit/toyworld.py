@@ -275,8 +275,8 @@ class ToyWorld(torch.utils.data.Dataset):
 
         ``vary="shape"``: in random batches captions can be told apart by colour, position and size
         alone; such groups make the contrastive loss need the shape words (DESIGN.md, measured facts).
-        ``vary="color"``: the same for colour words (colours drawn afresh per object, swaps included),
-        so that a model must tie each colour to its object.
+        ``vary="color"``: the same for colour words (colours drawn afresh per object, so the set of
+        colours usually changes too: these groups need the colour words, not yet their binding).
         """
         if vary not in ("shape", "color"):
             raise ValueError(f"vary must be 'shape' or 'color', got {vary!r}")
