@@ -171,9 +171,9 @@ class Stage1Batches:
     """Stage-1 batches of fresh scenes: ``(features [B, N, W], text ids, text mask)``; half in hard-negative groups.
 
     Reuses the toy CLIP's pretraining sampler (:class:`labkit.clip.PretrainBatches`): groups of 4
-    scenes that differ only in their shapes, or only in their colours, make ITC and ITM (and so
-    the queries' attention) need both words of each object; with shape groups alone the Q-Former
-    learned to look up an object by its shape but never by its colour.
+    scenes that differ only in their shapes, alternating with groups that differ only in their
+    colours, make ITC and ITM need the shape words and the colour words (with shape groups alone
+    colour words were never needed; measured: ITC R@1 0.29 -> 0.915 with 2,000 steps).
     """
 
     def __init__(self, encoder: FrozenPatchEncoder, clip: ClipModel, batch_size: int = 64, seed: int = 0):

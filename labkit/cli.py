@@ -234,8 +234,7 @@ def cmd_eval_efficient(args) -> dict:
     n, steps, recover, repeats = ((60, 2, 2, 2) if fast_mode() else
                                   (args.n, args.sweep_steps, args.sweep_recover_steps, args.repeats))
     result = eval_efficient(clip, *models, sweep_targets=targets, sweep_steps=steps, sweep_recover_steps=recover,
-                            n=n, bench_batch=args.bench_batch,
-                            repeats=repeats, progress=not args.json)
+                            n=n, bench_batch=args.bench_batch, repeats=repeats, progress=not args.json)
     _save_json(result, args.save)
     return result
 

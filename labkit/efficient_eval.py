@@ -181,8 +181,7 @@ def eval_efficient(clip: ClipModel, teacher: ToyVLM, student: ToyVLM, pruned: To
              for t in sweep_targets]
     return {
         "teacher_params": count_params(teacher), "student_params": count_params(student),
-        "pruned_params": count_params(pruned), "pruned_target": pruned_target(pruned),
-        "pruned_recover_steps": getattr(pruned, "meta", {}).get("recover_steps", 0),
+        "pruned_params": count_params(pruned), **pruned_recipe(pruned),
         "speedup": speed["pruned"]["speedup"], "student_speedup": speed["student"]["speedup"],
         "teacher_ms": speed["baseline_ms"], "pruned_ms": speed["pruned"]["ms"], "bench_batch": bench_batch,
         "retention_itm": retention("pruned", "itm_accuracy"), "retention_retrieval": retention("pruned", "retrieval_r1"),
@@ -197,6 +196,8 @@ def eval_efficient(clip: ClipModel, teacher: ToyVLM, student: ToyVLM, pruned: To
     }
 
 
-def pruned_target(model: ToyVLM) -> float | None:
-    """The target a shipped pruned checkpoint was trained for (from its saved metadata), if known."""
-    return getattr(model, "meta", {}).get("target")
+def pruned_recipe(model: ToyVLM) -> dict:
+    """How a pruned checkpoint was made, from its saved metadata: ``pruned_target`` (None if unknown) and
+    ``pruned_recover_steps`` (0 for checkpoints made before recovery existed)."""
+    meta = getattr(model, "meta", {})
+    return {"pruned_target": meta.get("target"), "pruned_recover_steps": meta.get("recover_steps", 0)}

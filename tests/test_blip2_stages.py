@@ -56,13 +56,22 @@ def _text():
 
 
 def test_stage1_hard_negative_groups_vary_shape_and_colour(clip, encoder):
-    """Stage-1 groups alternate: scenes differing only in shapes, then only in colours (the binding of both words)."""
+    """Stage-1 groups alternate: scenes differing only in shapes, then only in colours."""
     scenes, _ = Stage1Batches(encoder, clip, batch_size=32).sampler.scenes(0)
     groups = [scenes[16 + 4 * g: 20 + 4 * g] for g in range(4)]
     for g, group in enumerate(groups):
         varied, kept = ("shape", "color") if g % 2 == 0 else ("color", "shape")
         assert len({tuple(getattr(o, varied) for o in s.objects) for s in group}) == 4
         assert len({tuple(getattr(o, kept) for o in s.objects) for s in group}) == 1
+
+
+def test_pretrain_batches_reject_an_empty_or_unknown_variation(clip):
+    from labkit.clip import PretrainBatches
+
+    with pytest.raises(ValueError, match="vary must name at least one attribute"):
+        PretrainBatches(clip, 32, vary=())
+    with pytest.raises(ValueError, match="vary must be 'shape' or 'color', got 'size'"):
+        PretrainBatches(clip, 32, vary=("size",)).scenes(0)
 
 
 def test_encoder_gives_second_to_last_layer_patch_tokens(clip, encoder):
