@@ -59,6 +59,8 @@ class PretrainBatches:
             raise ValueError(f"batch_size must be at least 2, got {batch_size}")
         if not vary:
             raise ValueError("vary must name at least one attribute ('shape' and/or 'color')")
+        for attribute in vary:
+            tw.check_varied_attribute(attribute)
         self.clip, self.batch_size, self.group_size, self.vary = clip, batch_size, group_size, tuple(vary)
         self.n_groups = int(batch_size * hard_fraction) // group_size
         self.world = tw.ToyWorld("train", seed, TRAIN_INDEX_SPACE, caption_drop=caption_drop)

@@ -203,6 +203,12 @@ def render_scene(scene: Scene, image_size: int = IMAGE_SIZE) -> np.ndarray:
 
 # ---------------------------------------------------------------- the world
 
+def check_varied_attribute(vary: str) -> None:
+    """What a hard-negative group may vary: ``"shape"`` or ``"color"``."""
+    if vary not in ("shape", "color"):
+        raise ValueError(f"vary must be 'shape' or 'color', got {vary!r}")
+
+
 def _check_split(split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"unknown ToyWorld split {split!r}; accepted: {', '.join(SPLITS)}")
@@ -278,8 +284,7 @@ class ToyWorld(torch.utils.data.Dataset):
         ``vary="color"``: the same for colour words (colours drawn afresh per object, so the set of
         colours usually changes too: these groups need the colour words, not yet their binding).
         """
-        if vary not in ("shape", "color"):
-            raise ValueError(f"vary must be 'shape' or 'color', got {vary!r}")
+        check_varied_attribute(vary)
         base = self.scene(index)
         rng = self.rng(index, 2)
         pool = (NOVEL_SHAPES if self.split == "novel" else BASE_SHAPES) if vary == "shape" else tuple(COLORS)

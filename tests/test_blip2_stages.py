@@ -71,7 +71,7 @@ def test_pretrain_batches_reject_an_empty_or_unknown_variation(clip):
     with pytest.raises(ValueError, match="vary must name at least one attribute"):
         PretrainBatches(clip, 32, vary=())
     with pytest.raises(ValueError, match="vary must be 'shape' or 'color', got 'size'"):
-        PretrainBatches(clip, 32, vary=("size",)).scenes(0)
+        PretrainBatches(clip, 32, vary=("shape", "size"))  # rejected when built, not at the first batch
 
 
 def test_encoder_gives_second_to_last_layer_patch_tokens(clip, encoder):
