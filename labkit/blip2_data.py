@@ -132,6 +132,13 @@ def caption_text(tok: WordTokenizer, caption: str | None = None) -> tuple[list[i
     return [tok.ids[SOT]], suffix
 
 
+def question_prefixes(questions: list[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(prefix_ids, prefix_mask)`` of questions as a stage-2 prefix: what a text-conditioned Q-Former reads."""
+    tok = tokenizer()
+    text = TextBatch.from_lists([qa_text(tok, q)[0] for q in questions], [[]] * len(questions))
+    return text.prefix_ids.to(device), text.prefix_mask.to(device)
+
+
 def pick_question(scene: tw.Scene, rng: np.random.Generator) -> tuple[str, str]:
     qa = scene.questions()
     return qa[rng.integers(len(qa))]
@@ -583,11 +590,8 @@ def question_attention(model: Blip2Stage2, feats: torch.Tensor, questions: list[
     if not model.text_conditioned:
         raise ValueError("question_attention needs a text-conditioned stage 2 (--text-conditioned); "
                          "this one does not read the question")
-    tok = tokenizer()
-    text = TextBatch.from_lists([qa_text(tok, q)[0] for q in questions], [[tok.ids[EOT]]] * len(questions))
-    text = text.to(feats.device)
-    maps = query_cross_attention(model.qformer, feats.expand(len(questions), -1, -1), text_ids=text.prefix_ids,
-                                 text_mask=text.prefix_mask)
+    ids, mask = question_prefixes(questions, feats.device)
+    maps = query_cross_attention(model.qformer, feats.expand(len(questions), -1, -1), text_ids=ids, text_mask=mask)
     return maps.mean(dim=1)
 
 

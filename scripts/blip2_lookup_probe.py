@@ -14,7 +14,7 @@ its accuracy on the questions of 1,000 (``--eval-n``) test scenes; no language m
 
 Measured on 2 CPU cores (README, BLIP-2 section; test accuracy every 300 steps)::
 
-    python scripts/blip2_lookup_probe.py --probe features --steps 1500         # 0.77 0.87 0.90 0.90 0.93 (84 s)
+    python scripts/blip2_lookup_probe.py --probe features --steps 1500         # 0.84 0.91 0.93 0.92 0.94 (85 s)
     python scripts/blip2_lookup_probe.py --probe qformer --steps 2400          # ... 0.90 0.93 0.94 0.94 0.73 (spike)
     python scripts/blip2_lookup_probe.py --probe qformer --steps 2400 --ln     # ... 0.89 0.93 0.95 0.96 0.95
     python scripts/blip2_lookup_probe.py --probe qformer --steps 900 --fresh   # 0.51 0.52 0.52
@@ -31,8 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from labkit import toyworld as tw
-from labkit.blip2_data import ASSETS, load_encoder, load_stage1, qa_text, render, stage1_config, tokenizer
-from labkit.blip2_lm import TextBatch
+from labkit.blip2_data import ASSETS, load_encoder, load_stage1, question_prefixes, render, stage1_config
 from labkit.qformer import QFormer
 
 SHAPES, COLORS = list(tw.BASE_SHAPES), list(tw.COLORS)
@@ -55,22 +54,17 @@ def shape_questions(world: tw.ToyWorld, start: int, n: int, rng: np.random.Gener
 class ColourKeyedAttention(nn.Module):
     """LayerNorm, one multi-head cross-attention whose query is the colour word's embedding, a linear read-out."""
 
-    def __init__(self, width: int, heads: int = 4, head_dim: int = 64):
+    def __init__(self, width: int, heads: int = 4, dim: int = 256):
         super().__init__()
-        self.heads, self.head_dim = heads, head_dim
         self.norm = nn.LayerNorm(width)
-        self.query = nn.Embedding(len(COLORS), heads * head_dim)
-        self.key, self.value = nn.Linear(width, heads * head_dim), nn.Linear(width, heads * head_dim)
-        self.out = nn.Linear(heads * head_dim, len(SHAPES))
+        self.query = nn.Embedding(len(COLORS), dim)
+        self.attn = nn.MultiheadAttention(dim, heads, kdim=width, vdim=width, batch_first=True)
+        self.out = nn.Linear(dim, len(SHAPES))
 
     def forward(self, feats: torch.Tensor, colors: list[str]) -> torch.Tensor:
-        b, n, _ = feats.shape
         feats = self.norm(feats)
-        q = self.query(torch.tensor([COLORS.index(c) for c in colors])).view(b, self.heads, 1, self.head_dim)
-        k = self.key(feats).view(b, n, self.heads, self.head_dim).transpose(1, 2)
-        v = self.value(feats).view(b, n, self.heads, self.head_dim).transpose(1, 2)
-        attn = (q @ k.transpose(-1, -2) / self.head_dim ** 0.5).softmax(-1)
-        return self.out((attn @ v).reshape(b, -1))
+        query = self.query(torch.tensor([COLORS.index(c) for c in colors]))[:, None]
+        return self.out(self.attn(query, feats, feats, need_weights=False)[0][:, 0])
 
 
 class QuestionReadingQFormer(nn.Module):
@@ -81,12 +75,10 @@ class QuestionReadingQFormer(nn.Module):
         self.qformer = QFormer(stage1_config()) if fresh else load_stage1(ASSETS / "stage1").qformer
         self.ln_vision = nn.LayerNorm(self.qformer.config.encoder_width) if ln_vision else nn.Identity()
         self.out = nn.Linear(self.qformer.config.hidden, len(SHAPES))
-        self.tok = tokenizer()
 
     def forward(self, feats: torch.Tensor, colors: list[str]) -> torch.Tensor:
-        text = TextBatch.from_lists([qa_text(self.tok, f"what shape is the {c} object?")[0] for c in colors],
-                                    [[0]] * len(colors))
-        out = self.qformer(self.ln_vision(feats), text.prefix_ids, text.prefix_mask, mode="itm")
+        ids, mask = question_prefixes([f"what shape is the {c} object?" for c in colors])
+        out = self.qformer(self.ln_vision(feats), ids, mask, mode="itm")
         return self.out(out.query.mean(1))
 
 
