@@ -128,8 +128,9 @@ def _blip2_paths(assets: str | None) -> dict:
 
 def cmd_train_qformer(args) -> dict:
     """BLIP-2 on ToyWorld: ``--stage lm`` (text-only LM), ``--stage 1`` (ITC+ITM+ITG), ``--stage 2 --lm {opt,t5}``."""
-    from .blip2_data import load_encoder, load_stage1, load_text_lm, train_stage1, train_stage2, train_text_lm
+    from .blip2_data import load_encoder
     from .blip2_lm import check_lm_kind
+    from .blip2_train import load_stage1, load_text_lm, train_stage1, train_stage2, train_text_lm
     from .models import load_clip
 
     paths, budget = _blip2_paths(args.assets), args.time_budget_s
@@ -151,22 +152,16 @@ def cmd_train_qformer(args) -> dict:
     lm = load_text_lm(paths["lm"](args.lm))
     stage1 = load_stage1(paths["stage1"]) if not args.no_stage1 else None
     _, info = train_stage2(encoder, lm, stage1, args.steps, args.batch_size, args.lr, args.seed, budget,
-                           paths["stage2"](args.lm), eval_n=args.eval_n, meta=meta, text_conditioned=args.text_conditioned)
+                           paths["stage2"](args.lm), eval_n=args.eval_n, meta=meta, text_conditioned=args.text_conditioned,
+                           shape_share=args.shape_share)
     return {"out": str(paths["stage2"](args.lm)), **{k: v for k, v in info.items() if k != "curve"}}
 
 
 def cmd_eval_qformer(args) -> dict:
-    from .blip2_data import (
-        evaluate_stage2,
-        hf_equivalence_max_abs_diff,
-        itc_retrieval_r1,
-        load_encoder,
-        load_stage1,
-        load_stage2,
-        load_text_lm,
-        param_counts,
-    )
+    from .blip2_data import load_encoder
+    from .blip2_eval import evaluate_stage2, hf_equivalence_max_abs_diff, itc_retrieval_r1, param_counts
     from .blip2_lm import check_lm_kind
+    from .blip2_train import load_stage1, load_stage2, load_text_lm
 
     paths = _blip2_paths(args.assets)
     check_lm_kind(args.lm)
@@ -359,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-n", type=int, default=200, help="held-out scenes evaluated after stage 2")
     p.add_argument("--text-conditioned", action="store_true",
                    help="stage 2: the Q-Former also reads the question (BLIP-2's VQA set-up, §4.3)")
+    p.add_argument("--shape-share", type=float, default=0.0,
+                   help="stage 2: share of VQA samples that are 'what shape is the <colour> object?' (0: uniform)")
     p.set_defaults(func=cmd_train_qformer)
 
     p = evaluate.add_parser("qformer", help="BLIP-2 stage 2 captioning/VQA, stage-1 ITC R@1, HF equivalence, param counts")

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from labkit import toyworld as tw
-from labkit.blip2_data import ASSETS, load_encoder, load_stage1, question_prefixes, render, stage1_config
+from labkit.blip2_data import ASSETS, load_encoder, question_prefixes, render
+from labkit.blip2_train import load_stage1, stage1_config
 from labkit.qformer import QFormer
 
 SHAPES, COLORS = list(tw.BASE_SHAPES), list(tw.COLORS)

@@ -40,13 +40,15 @@ def tip_table(data: dict) -> str:
 
 
 def masking_bench_table(data: dict) -> str:
-    lines = ["| model | batch | strategy | ratio | images/s | speedup | ideal 1/(1-r) | Amdahl ideal | of Amdahl |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | batch | strategy | ratio | images/s | speedup | ideal 1/(1-r) | Amdahl ideal | of Amdahl "
+             "| kept tokens | Amdahl ideal (kept tokens) | of it |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for model in data["models"]:
         for row in model["rows"]:
             lines.append(f"| {model['model']} | {model['batch']} | {row['strategy']} | {row['ratio']} | "
                          f"{fmt(row['images_per_s'])} | {fmt(row['speedup'])} | {fmt(row['ideal'])} | "
-                         f"{fmt(row['amdahl_ideal'])} | {fmt(row['of_amdahl'])} |")
+                         f"{fmt(row['amdahl_ideal'])} | {fmt(row['of_amdahl'])} | "
+                         f"{fmt(row.get('kept_token_fraction'))} | {fmt(row.get('amdahl_ideal_kept_tokens'))} | "
+                         f"{fmt(row.get('of_amdahl_kept_tokens'))} |")
     lines.append("")
     lines.append("Targets: " + ", ".join(f"{k} = {fmt(v['value'])} ({'met' if v['met'] else 'not met'})"
                                          for k, v in data["targets"].items()))

@@ -8,19 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from labkit import toyworld as tw
-from labkit.blip2_data import (
-    FrozenPatchEncoder,
-    Stage1Batches,
-    Stage2Batches,
-    caption_attribute_hits,
-    load_stage2,
-    new_text_lm,
-    parse_caption,
-    query_cross_attention,
-    question_attention,
-    render,
-    stage1_config,
-)
+from labkit.blip2_data import FrozenPatchEncoder, Stage1Batches, Stage2Batches, render, tokenizer
+from labkit.blip2_eval import caption_attribute_hits, parse_caption, query_cross_attention, question_attention
 from labkit.blip2_lm import (
     Blip2Stage2,
     TextBatch,
@@ -31,6 +20,7 @@ from labkit.blip2_lm import (
     pack_left,
     save_module,
 )
+from labkit.blip2_train import load_stage2, new_text_lm, stage1_config
 from labkit.clip import new_toy_clip
 from labkit.train import TrainConfig, fit
 
@@ -172,6 +162,23 @@ def test_a_few_training_steps_reduce_the_loss(encoder):
                  TrainConfig(steps=25, lr=3e-3, warmup=0.0), device=torch.device("cpu"), progress=False)
     losses = [h["loss"] for h in record["history"]]
     assert losses[-1] < losses[0] - 0.2, losses  # the LM is frozen (and random): the drop comes from the prompts alone
+
+
+def test_stage2_batches_shape_share(encoder):
+    share = lambda batches: np.mean([p.startswith("what shape is the") for p in _prefix_texts(batches)])  # noqa: E731
+    uniform, weighted = share(Stage2Batches(encoder, 64)), share(Stage2Batches(encoder, 64, shape_share=0.6))
+    assert uniform < 0.2 < 0.3 < weighted  # vqa_fraction 0.6: about 0.6 * 0.2 uniformly, 0.6 * (0.6 + 0.4 * 0.2) weighted
+    with pytest.raises(ValueError, match=r"shape_share must lie in \[0, 1\], got 1.5"):
+        Stage2Batches(encoder, 8, shape_share=1.5)
+
+
+def _prefix_texts(batches, steps: int = 4) -> list[str]:
+    """Every sample's prefix as text ('' for a caption's lone ``<sot>``) over a few batches."""
+    tok, out = tokenizer(), []
+    for step in range(steps):
+        (_, text), _ = batches(step)
+        out += [tok.decode(row[mask].tolist()) for row, mask in zip(text.prefix_ids, text.prefix_mask)]
+    return out
 
 
 def test_caption_parsing_and_attribute_accuracy():

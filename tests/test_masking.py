@@ -249,6 +249,9 @@ def test_bench_masking_fast_reports_ratios_and_ideals():
     for r in m["rows"]:
         assert r["images_per_s"] > 0 and r["ideal"] == round(1 / (1 - r["ratio"]), 3)
         assert 1.0 <= r["amdahl_ideal"] <= r["ideal"]
+        # the toy ViT has 64 patches: K = int(64 (1 - r)) of them plus the never-dropped CLS token remain
+        assert r["kept_token_fraction"] == round((int(64 * (1 - r["ratio"])) + 1) / 65, 4)
+        assert 1.0 <= r["amdahl_ideal_kept_tokens"] <= r["amdahl_ideal"]
     assert 0 < m["f_stem"] < 1
     assert "toy_cluster_ge_0.9_of_random" in res["targets"]
     with pytest.raises(ValueError, match=r"\[0, 1\)"):

@@ -122,16 +122,16 @@ NOTEBOOK = ExerciseNotebook(
         import torch
         from matplotlib import pyplot as plt
 
-        from labkit import blip2_data as bd, viz_blip2 as viz
+        from labkit import blip2_data as bd, blip2_eval as be, blip2_train as bt, viz_blip2 as viz
         from labkit.blip2 import itc_similarity as itc_similarity_reference
         from labkit.exercises import qformer as checks
         from labkit.qformer import attention_masks
     """,
     setup="""
         torch.manual_seed(0)
-        encoder, stage1 = bd.load_encoder("toy"), bd.load_stage1()  # frozen toy CLIP features, shipped stage-1 Q-Former
+        encoder, stage1 = bd.load_encoder("toy"), bt.load_stage1()  # frozen toy CLIP features, shipped stage-1 Q-Former
         TOKENIZER = bd.tokenizer()
-        scenes = bd.eval_scenes(8, seed=3, objects=(2, 3))
+        scenes = be.eval_scenes(8, seed=3, objects=(2, 3))
         CAPTIONS = [s.caption() for s in scenes]
         ids = TOKENIZER(CAPTIONS)
         with torch.no_grad():
