@@ -29,6 +29,7 @@ ASSETS = Path(__file__).parent / "assets" / "blip2"
 TRAIN_INDEX_SPACE = 10**12
 TEXT_LEN = 32  # Q-Former text length (as the toy CLIP's)
 
+
 # ---------------------------------------------------------------- frozen image features
 
 class FrozenPatchEncoder(nn.Module):
@@ -186,7 +187,7 @@ class Stage2Batches:
     """Stage-2 batches of fresh scenes: ``(features, TextBatch)``, each sample captioning or one VQA pair.
 
     ``shape_share``: the share of VQA pairs that are colour-keyed shape questions (:func:`pick_question`);
-    0 picks uniformly among a scene's questions, about one in five of which is one.
+    0 draws uniformly from a scene's questions, about one in five of which is a shape question.
     """
 
     def __init__(self, encoder: FrozenPatchEncoder, batch_size: int = 64, vqa_fraction: float = 0.6, seed: int = 0,

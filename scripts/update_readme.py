@@ -47,8 +47,8 @@ def masking_bench_table(data: dict) -> str:
             lines.append(f"| {model['model']} | {model['batch']} | {row['strategy']} | {row['ratio']} | "
                          f"{fmt(row['images_per_s'])} | {fmt(row['speedup'])} | {fmt(row['ideal'])} | "
                          f"{fmt(row['amdahl_ideal'])} | {fmt(row['of_amdahl'])} | "
-                         f"{fmt(row.get('kept_token_fraction'))} | {fmt(row.get('amdahl_ideal_kept_tokens'))} | "
-                         f"{fmt(row.get('of_amdahl_kept_tokens'))} |")
+                         f"{fmt(row['kept_token_fraction'])} | {fmt(row['amdahl_ideal_kept_tokens'])} | "
+                         f"{fmt(row['of_amdahl_kept_tokens'])} |")
     lines.append("")
     lines.append("Targets: " + ", ".join(f"{k} = {fmt(v['value'])} ({'met' if v['met'] else 'not met'})"
                                          for k, v in data["targets"].items()))
