@@ -359,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_qformer)
 
     p = evaluate.add_parser("qformer", help="BLIP-2 stage 2 captioning/VQA, stage-1 ITC R@1, HF equivalence, param counts")
-    p.add_argument("--lm", default="opt")
+    p.add_argument("--lm", default="t5", help="whose stage 2 to evaluate: t5 (the shipped best) or opt")
     p.add_argument("--n", type=int, default=300, help="held-out scenes for captioning and VQA")
     p.add_argument("--n-itc", type=int, default=1000, help="held-out 2-3-object scenes for ITC image->text R@1")
     p.add_argument("--clip", default="toy")

@@ -216,7 +216,7 @@ def test_cli_train_and_eval_qformer_json(tmp_path, clip, capsys):
     assert main(["train", "qformer", "--stage", "1", *clip_arg, *common, "--json"]) == 0
     assert main(["train", "qformer", "--stage", "2", "--lm", "opt", *clip_arg, *common, "--json"]) == 0
     capsys.readouterr()
-    assert main(["eval", "qformer", *clip_arg, "--assets", str(tmp_path / "blip2"), "--json"]) == 0
+    assert main(["eval", "qformer", "--lm", "opt", *clip_arg, "--assets", str(tmp_path / "blip2"), "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     keys = {"trainable_params", "frozen_params", "trainable_fraction", "caption_attribute_accuracy", "vqa_accuracy",
             "itc_i2t_r1", "hf_equivalence_max_abs_diff"}
