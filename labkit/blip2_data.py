@@ -121,12 +121,21 @@ def question_prefixes(questions: list[str], device=None) -> tuple[torch.Tensor, 
     return text.prefix_ids.to(device), text.prefix_mask.to(device)
 
 
+def question_type(question: str) -> str:
+    """``color``, ``shape``, ``position``, ``size`` or ``count`` for a ToyWorld question (``other`` if none)."""
+    for prefix, kind in (("what color", "color"), ("what shape", "shape"), ("where", "position"),
+                         ("what size", "size"), ("how many", "count")):
+        if question.startswith(prefix):
+            return kind
+    return "other"
+
+
 def pick_question(scene: tw.Scene, rng: np.random.Generator, shape_share: float = 0.0) -> tuple[str, str]:
     """One of the scene's questions, uniformly; with probability ``shape_share`` a "what shape is the <colour>
     object?" question instead, when the scene has one (the only question that must find an object by its colour)."""
     qa = scene.questions()
     if shape_share and rng.random() < shape_share:
-        shape = [pair for pair in qa if pair[0].startswith("what shape")]
+        shape = [pair for pair in qa if question_type(pair[0]) == "shape"]
         if shape:
             return shape[rng.integers(len(shape))]
     return qa[rng.integers(len(qa))]

@@ -10,7 +10,16 @@ from torch import nn
 
 from . import toyworld as tw
 from .blip2 import Blip2Stage1, itc_similarity
-from .blip2_data import TEXT_LEN, FrozenPatchEncoder, caption_text, qa_text, question_prefixes, render, tokenizer
+from .blip2_data import (
+    TEXT_LEN,
+    FrozenPatchEncoder,
+    caption_text,
+    qa_text,
+    question_prefixes,
+    question_type,
+    render,
+    tokenizer,
+)
 from .blip2_lm import Blip2Stage2, TextBatch, count_params, lm_generate
 from .device import autocast
 from .qformer import QFormerConfig
@@ -44,14 +53,6 @@ def caption_attribute_hits(scene: tw.Scene, caption: str) -> tuple[int, int]:
             phrases.remove((o.shape, o.color, o.position))
             hits += 1
     return hits, len(scene.objects)
-
-
-def question_type(question: str) -> str:
-    for prefix, kind in (("what color", "color"), ("what shape", "shape"), ("where", "position"),
-                         ("what size", "size"), ("how many", "count")):
-        if question.startswith(prefix):
-            return kind
-    return "other"
 
 
 def eval_scenes(n: int, seed: int = 0, objects=(1, 3)) -> list[tw.Scene]:

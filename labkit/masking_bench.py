@@ -60,6 +60,11 @@ def _vision_tower(name: str):
     return model.visual, size, f"open_clip {name} (patchify, random init)"
 
 
+def amdahl_ideal(fixed: float, remaining: float) -> float:
+    """Amdahl's speedup ``1 / (f + (1 - f) x)``: share ``f`` of the step cannot shrink, the rest shrinks to ``x``."""
+    return 1 / (fixed + (1 - fixed) * remaining)
+
+
 def _time_model(name: str, batch: int, ratios, strategies, warmup: int, repeats: int, device) -> dict:
     visual, size, desc = _vision_tower(name)
     visual.to(device).train()
@@ -115,15 +120,14 @@ def _time_model(name: str, batch: int, ratios, strategies, warmup: int, repeats:
     for c in configs:
         strategy, ratio = c
         t = statistics.median(times[c]["step"])
-        amdahl = 1 / (f_stem + (1 - f_stem) * (1 - ratio))
-        f_all = f_stem + f_opt
+        amdahl = amdahl_ideal(f_stem, 1 - ratio)
         kept = (masking.num_keep(n_patches, ratio) + 1) / (n_patches + 1)  # the CLS token is never dropped
-        amdahl_tokens = 1 / (f_stem + (1 - f_stem) * kept)
+        amdahl_tokens = amdahl_ideal(f_stem, kept)
         row = {"strategy": strategy, "ratio": ratio, "step_ms": round(1000 * t, 1),
                "images_per_s": round(batch / t, 1), "speedup": round(base / t, 3),
                "ideal": round(1 / (1 - ratio), 3), "amdahl_ideal": round(amdahl, 3),
                "of_amdahl": round(base / t / amdahl, 3),
-               "amdahl_ideal_with_optimizer": round(1 / (f_all + (1 - f_all) * (1 - ratio)), 3),
+               "amdahl_ideal_with_optimizer": round(amdahl_ideal(f_stem + f_opt, 1 - ratio), 3),
                "kept_token_fraction": round(kept, 4), "amdahl_ideal_kept_tokens": round(amdahl_tokens, 3),
                "of_amdahl_kept_tokens": round(base / t / amdahl_tokens, 3)}
         rows.append(row)

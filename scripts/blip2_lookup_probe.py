@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from labkit import toyworld as tw
-from labkit.blip2_data import ASSETS, load_encoder, question_prefixes, render
+from labkit.blip2_data import ASSETS, load_encoder, question_prefixes, question_type, render
 from labkit.blip2_train import load_stage1, stage1_config
 from labkit.qformer import QFormer
 
@@ -43,7 +43,7 @@ def shape_questions(world: tw.ToyWorld, start: int, n: int, rng: np.random.Gener
     scenes, colors, answers = [], [], []
     for i in range(start, start + n):
         scene = world.scene(i)
-        qa = [(q, a) for q, a in scene.questions() if q.startswith("what shape")]
+        qa = [(q, a) for q, a in scene.questions() if question_type(q) == "shape"]
         if qa:
             q, a = qa[rng.integers(len(qa))]
             scenes.append(scene)
