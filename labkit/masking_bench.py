@@ -1,7 +1,7 @@
 """``labkit bench masking`` and ``labkit eval masking``: what masking buys in speed and costs in accuracy.
 
-* :func:`bench_masking` times one training step of the vision tower (forward, backward, AdamW
-  step) at mask ratios 0, 0.5 and 0.75 for FLIP's random masking (CVPR 2023) and Cluster Masking
+* :func:`bench_masking` times one training step of the vision tower (forward, backward, fused
+  AdamW step) at mask ratios 0, 0.5 and 0.75 for FLIP's random masking (CVPR 2023) and Cluster Masking
   (CVPR 2024), in one process, warm-up first, configurations interleaved round-robin so machine
   noise hits them alike, medians of repeats. Besides the naive ideal ``1 / (1 - r)`` it reports
   Amdahl's ideal ``1 / (f + (1 - f)(1 - r))`` with ``f`` the measured share of the unmasked step
@@ -65,10 +65,20 @@ def amdahl_ideal(fixed: float, remaining: float) -> float:
     return 1 / (fixed + (1 - fixed) * remaining)
 
 
+def _adamw(params, device: torch.device) -> torch.optim.AdamW:
+    """AdamW fused into one kernel over all parameters where torch has one (CPU, CUDA).
+
+    The optimizer step does not shrink with masking (same parameters), so its fixed cost is kept as
+    small as torch makes it: on ViT-B-32 (88 M parameters, 2 CPU threads) fused ~30 ms, the
+    per-parameter loop ~100 ms of a ~1.3 s step at ratio 0.75.
+    """
+    return torch.optim.AdamW(params, lr=1e-4, fused=device.type in ("cpu", "cuda"))
+
+
 def _time_model(name: str, batch: int, ratios, strategies, warmup: int, repeats: int, device) -> dict:
     visual, size, desc = _vision_tower(name)
     visual.to(device).train()
-    optimizer = torch.optim.AdamW(visual.parameters(), lr=1e-4)
+    optimizer = _adamw(visual.parameters(), device)
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, size, size, generator=gen).to(device)
     configs = [("none", 0.0)] + [(s, r) for s in strategies for r in ratios if r > 0]
@@ -183,6 +193,7 @@ def bench_masking(models=("toy", "ViT-B-32"), ratios=(0.0, 0.5, 0.75), strategie
         batch = toy_batch if name == "toy" else vit_batch
         results.append(_time_model(name, batch, ratios, strategies, warmup, repeats, device))
     return {"device": str(device), "dtype": "bf16 autocast" if device.type == "cuda" else "fp32",
+            "optimizer": "AdamW (fused)" if device.type in ("cpu", "cuda") else "AdamW",
             "threads": torch.get_num_threads(), "warmup": warmup, "repeats": repeats,
             "models": results, "targets": _targets(results)}
 
