@@ -22,11 +22,11 @@ app: $(STAMP)  ## the Tip-Adapter web demo on the embedded default
 	$(BIN)/labkit app
 
 test: $(STAMP)  ## everything CI runs: lint, unit tests, every notebook in fast mode
-	$(BIN)/ruff check labkit app tests
+	$(BIN)/ruff check labkit app tests scripts
 	LABKIT_FAST=1 MPLBACKEND=Agg $(BIN)/pytest --nbmake tests notebooks
 
 lint: $(STAMP)
-	$(BIN)/ruff check labkit app tests
+	$(BIN)/ruff check labkit app tests scripts
 
 clean:
 	rm -rf $(VENV) runs test-artifacts

@@ -47,6 +47,7 @@ def _steps(steps: int) -> int:
 def _record(record: dict, wall: float) -> dict:
     hist = record["history"]
     return {"steps": record["steps"], "wall_seconds": round(wall, 1), "train_seconds": round(hist[-1]["train_seconds"], 1),
+            "images_per_s": round(record["images_per_s"], 1),
             "curve": [{"step": h["step"], "loss": round(h["loss"], 4)} for h in hist[:: max(1, len(hist) // 200)]]}
 
 

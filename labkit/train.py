@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -150,7 +151,7 @@ def has_checkpoint(out_dir: str | os.PathLike | None) -> bool:
 def fit(model: nn.Module, loss_fn: Callable, make_batch: Callable[[int, int, int], tuple[object, int]],
         cfg: TrainConfig, evaluate: Callable[[nn.Module], dict] | None = None,
         device: torch.device | None = None, progress: bool = True, groups: list[dict] | None = None) -> dict:
-    """Train ``model`` in place; returns ``{"history": [...], "evals": [...], "steps": n, "seconds": s}``.
+    """Train ``model`` in place; returns ``{"history": [...], "evals": [...], "steps": n, "seconds": s, "images_per_s": ...}``.
 
     ``groups`` overrides the AdamW parameter groups (default: :func:`param_groups`); a group may
     set its own ``lr`` (scaled by the same schedule unless ``scheduled=False``) or ``maximize=True``
@@ -212,5 +213,11 @@ def fit(model: nn.Module, loss_fn: Callable, make_batch: Callable[[int, int, int
         if done:
             break
     model.eval()
-    return {"history": history, "evals": evals, "steps": last,
+    return {"history": history, "evals": evals, "steps": last, "images_per_s": steady_images_per_s(history),
             "seconds": time.perf_counter() - t_start, "rank": rank, "world_size": world}
+
+
+def steady_images_per_s(history: list[dict]) -> float:
+    """Median training throughput after the first tenth of the steps (warm-up: allocator, kernels, caches)."""
+    timed = history[len(history) // 10:]
+    return statistics.median(h["images_per_s"] for h in timed) if timed else 0.0

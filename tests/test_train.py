@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from labkit.train import CheckpointError, TrainConfig, fit, load_checkpoint, lr_lambda
+from labkit.train import CheckpointError, TrainConfig, fit, load_checkpoint, lr_lambda, steady_images_per_s
 
 
 class Tiny(nn.Module):
@@ -55,6 +55,13 @@ def test_fit_learns_and_records_history():
     assert len(losses) == 60 and record["steps"] == 60
     assert sum(losses[-5:]) / 5 < 0.3 * sum(losses[:5]) / 5
     assert all(h["images_per_s"] > 0 for h in record["history"])
+    assert record["images_per_s"] == steady_images_per_s(record["history"]) > 0
+
+
+def test_steady_throughput_leaves_out_the_warm_up_tenth():
+    history = [{"images_per_s": 1.0}] * 10 + [{"images_per_s": 100.0}] * 80 + [{"images_per_s": 90.0}] * 10
+    assert steady_images_per_s(history) == 100.0  # the slow first tenth is not counted
+    assert steady_images_per_s([{"images_per_s": 5.0}]) == 5.0 and steady_images_per_s([]) == 0.0
 
 
 def test_resume_reproduces_an_uninterrupted_run(tmp_path):

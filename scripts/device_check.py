@@ -1,0 +1,170 @@
+"""The lab's GPU figures in one prepared run, for a session that is lent a device machine.
+
+Measures what issues 3-7 ask of a GPU and writes one JSON (``--out DIR``: DIR/device_check.json), printing
+a summary as it goes:
+
+* ``masking``: ``labkit bench masking`` (bf16 autocast on CUDA) at the README's batches (toy 256, ViT-B-32 32)
+  and ViT-B-32 at batch 256, where a GPU is busy enough for fewer tokens to matter;
+* ``blip2``: Q-Former stage-1 and stage-2 (T5) training throughput, and the shipped runs' length at that speed;
+* ``efficient``: teacher / student / pruned ``match_scores`` time (bf16) on 128 and 1,024 pairs;
+* ``tip``: Tip-Adapter cache build (every class x 16 shots x 10 views) and per-query latency (one query, and 64
+  at once), for the toy CLIP and a randomly initialised ViT-B-32;
+* ``clip``: toy CLIP pretraining throughput and the shipped run's length at that speed (instructor guide).
+
+The device machine has torch, transformers, timm and matplotlib but not open_clip. Carry it as wheels
+(pip works here, not there), once, in the repository root:
+
+    echo /.whl/ >> .git/info/exclude
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
+        --platform manylinux2014_x86_64 -d .whl open_clip_torch==3.3.0 ftfy wcwidth
+
+then one device run (carry [".whl"], timeout_s 540; a few minutes, estimated: it has not run on a GPU yet):
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \\
+    PYTHONPATH=/tmp/site:. HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 python3 scripts/device_check.py --out $OUT
+
+It runs on a CPU as well: ``LABKIT_FAST=1 python scripts/device_check.py --steps 4 --out /tmp/dc`` is its smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import open_clip
+import torch
+
+from labkit import tip_eval
+from labkit import tipadapter as tip
+from labkit.blip2_data import ASSETS, FrozenPatchEncoder
+from labkit.blip2_train import load_stage1, load_text_lm, train_stage1, train_stage2
+from labkit.clip import train_toy_clip, zero_shot_classifier
+from labkit.device import autocast, fast_mode, get_device
+from labkit.efficient_eval import eval_scenes, inference_speedup, load_efficient
+from labkit.masking_bench import bench_masking
+from labkit.models import ClipModel, load_clip
+
+SHIPPED_STEPS = {"stage1": 2000, "stage2_t5": 10000, "toy_clip": 2800}  # the shipped checkpoints' commands (batches 32, 64, 128)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_ms(fn, device: torch.device, repeats: int, warmup: int = 3) -> float:
+    times = []
+    for i in range(warmup + repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return round(1000 * statistics.median(times), 2)
+
+
+def _throughput(images_per_s: float, batch: int, shipped_steps: int) -> dict:
+    """Steady training throughput (``fit``'s median after warm-up) and the shipped run's length at that speed."""
+    return {"batch": batch, "images_per_s": round(images_per_s, 1), "steps_per_s": round(images_per_s / batch, 2),
+            "shipped_steps": shipped_steps, "shipped_run_s": round(shipped_steps * batch / images_per_s, 1)}
+
+
+def check_masking() -> dict:
+    readme = bench_masking()
+    large = bench_masking(models=("ViT-B-32",), vit_batch=256)
+    return {"readme_batches": readme, "vit_b32_batch_256": large}
+
+
+def check_blip2(steps: int, device: torch.device) -> dict:
+    clip = load_clip("toy", device)
+    encoder = FrozenPatchEncoder(clip).to(device)
+    _, info1 = train_stage1(encoder, clip, steps=steps, batch_size=32, progress=False)
+    _, info2 = train_stage2(encoder, load_text_lm(ASSETS / "lm_t5"), load_stage1(), steps=steps, batch_size=64,
+                            progress=False, eval_n=50, text_conditioned=True, shape_share=0.6)
+    return {"stage1": _throughput(info1["images_per_s"], 32, SHIPPED_STEPS["stage1"]),
+            "stage2_t5": _throughput(info2["images_per_s"], 64, SHIPPED_STEPS["stage2_t5"])}
+
+
+def check_efficient(device: torch.device, repeats: int) -> dict:
+    clip = load_clip("toy", device)
+    models = {name: load_efficient(name, device) for name in ("teacher", "student", "pruned")}
+    images, captions, _ = eval_scenes(clip, 1024)
+    out = {}
+    for batch in (128, 1024):
+        with autocast(device):
+            speed = inference_speedup(models["teacher"], {"student": models["student"], "pruned": models["pruned"]},
+                                      images[:batch], captions[:batch], repeats=repeats)
+        out[f"pairs_{batch}"] = {"teacher_ms": round(speed["baseline_ms"], 2),
+                                 **{k: {"ms": round(v["ms"], 2), "speedup": round(v["speedup"], 3)}
+                                    for k, v in speed.items() if k != "baseline_ms"}}
+    return out
+
+
+def _random_vit_b32(device: torch.device) -> ClipModel:
+    logging.getLogger().setLevel(logging.ERROR)  # open_clip warns that there are no pretrained weights
+    model = open_clip.create_model("ViT-B-32")
+    return ClipModel("ViT-B-32 (random init)", model, open_clip.get_tokenizer("ViT-B-32"), 224,
+                     open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD, device)
+
+
+def _tip_latency(clip: ClipModel, support: tuple, queries: torch.Tensor, device: torch.device, repeats: int) -> dict:
+    images, labels, classnames, templates = support
+    classifier = zero_shot_classifier(clip, classnames, templates)
+    cache = tip.build_cache(clip, images, labels, classnames)
+
+    def classify(q):
+        return tip.tip_logits(clip.encode_image(q), classifier, cache.keys, cache.values).argmax(-1).cpu()
+
+    return {"support_images": len(labels), "views": 10,
+            "cache_build_ms": _median_ms(lambda: tip.build_cache(clip, images, labels, classnames), device,
+                                         max(3, repeats // 5)),
+            "query_ms": _median_ms(lambda: classify(queries[:1]), device, repeats),
+            "batch_64_queries_ms": _median_ms(lambda: classify(queries), device, repeats)}
+
+
+def check_tip(device: torch.device, repeats: int) -> dict:
+    images, labels, classnames, templates = tip_eval.task_data("shape", "support", 1000)
+    shots = tip.select_shots(labels, 2 if fast_mode() else 16, len(classnames))
+    support = (images[shots], labels[shots], classnames, templates)
+    queries = tip_eval.task_data("shape", "test", 64)[0]
+    return {clip.name: _tip_latency(clip, support, queries, device, repeats)
+            for clip in (load_clip("toy", device), _random_vit_b32(device))}
+
+
+def check_clip(steps: int, device: torch.device) -> dict:
+    _, record = train_toy_clip(steps=steps, batch_size=128, eval_n=0, progress=False)
+    return _throughput(record["images_per_s"], 128, SHIPPED_STEPS["toy_clip"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="folder for device_check.json")
+    parser.add_argument("--steps", type=int, default=300, help="training steps timed per model")
+    parser.add_argument("--repeats", type=int, default=25, help="timed repeats of each inference measurement")
+    args = parser.parse_args()
+    device = get_device()
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+              "torch": torch.__version__, "fast_mode": fast_mode()}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    checks = {"masking": check_masking, "efficient": lambda: check_efficient(device, args.repeats),
+              "tip": lambda: check_tip(device, args.repeats), "blip2": lambda: check_blip2(args.steps, device),
+              "clip": lambda: check_clip(args.steps, device)}
+    for name, check in checks.items():
+        started = time.perf_counter()
+        try:
+            result[name] = check()
+        except Exception as e:  # one failed check must not cost the others' figures
+            result[name] = {"error": f"{type(e).__name__}: {e}"}
+        result[name + "_wall_s"] = round(time.perf_counter() - started, 1)
+        print(name, json.dumps(result[name])[:2000], flush=True)
+        (out / "device_check.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
