@@ -131,7 +131,7 @@ def _time_model(name: str, batch: int, ratios, strategies, warmup: int, repeats:
         strategy, ratio = c
         t = statistics.median(times[c]["step"])
         amdahl = amdahl_ideal(f_stem, 1 - ratio)
-        kept = (masking.num_keep(n_patches, ratio) + 1) / (n_patches + 1)  # the CLS token is never dropped
+        kept = masking.kept_token_fraction(n_patches, ratio)
         amdahl_tokens = amdahl_ideal(f_stem, kept)
         row = {"strategy": strategy, "ratio": ratio, "step_ms": round(1000 * t, 1),
                "images_per_s": round(batch / t, 1), "speedup": round(base / t, 3),

@@ -15,6 +15,7 @@ from labkit.exercises import efficient as efficient_checks
 from labkit.exercises import qformer as qformer_checks
 from labkit.exercises.build import _clean, build_all
 from labkit.exercises.specs import ALL
+from labkit.masking_bench import amdahl_ideal
 
 ROOT = Path(__file__).resolve().parents[1]
 EXERCISES = ROOT / "notebooks" / "exercises"
@@ -107,6 +108,11 @@ WRONG = {
         lambda t, k: _gather(t[:, 1:], k),
         lambda t, k: torch.cat([t[:, :1], _gather(t, k)], 1),
         lambda t, k: torch.cat([t[:, :1], _gather(t[:, 1:], k[:1].expand_as(k))], 1)],
+    "ideal_speedup": [
+        lambda f, r, n: 1 / (f + (1 - f) * (1 - r)),  # the formula: 1 - r instead of the tokens that remain
+        lambda f, r, n: 1 / (f + (1 - f) * masking.num_keep(n, r) / n),  # the CLS token forgotten
+        lambda f, r, n: f + (1 - f) * masking.kept_token_fraction(n, r),  # time ratio, not a speedup
+        lambda f, r, n: (n + 1) / (masking.num_keep(n, r) + 1)],  # the fixed share ignored
     "patch_similarity": [
         lambda x, p: _cosine(_patches(x.float(), p)),
         lambda x, p: (lambda v: _cosine(v - v.mean(-1, keepdim=True)))(_patches(x.float(), p, permute=False)),
@@ -159,6 +165,7 @@ WRONG = {
 REFERENCES = {
     "num_keep": masking.num_keep,
     "random_keep_indices": masking.random_keep_indices,
+    "ideal_speedup": lambda f, r, n: amdahl_ideal(f, masking.kept_token_fraction(n, r)),
     "patch_similarity": masking.similarity_matrix,
     "itc_similarity": blip2.itc_similarity,
     "itg_attention_mask": lambda q, m: qformer.attention_masks(q, m, "itg"),

@@ -1,7 +1,8 @@
 """Self-checks for the FLIP exercises (Li et al., "Scaling Language-Image Pre-training via Masking", CVPR 2023, §3).
 
 References: :func:`labkit.masking.num_keep`, :func:`labkit.masking.random_keep_indices`,
-:func:`labkit.masking.keep_to_mask` and :class:`labkit.masking.PatchMasking` (open_clip's hook).
+:func:`labkit.masking.keep_to_mask`, :class:`labkit.masking.PatchMasking` (open_clip's hook),
+:func:`labkit.masking.kept_token_fraction` and :func:`labkit.masking_bench.amdahl_ideal`.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import masking
+from ..masking_bench import amdahl_ideal
 from .core import CheckResult, as_tensor, expect, expect_close, expect_shape, run_check
 
 
@@ -91,3 +93,31 @@ def check_gather_kept_tokens(student_fn) -> CheckResult:
     cases = [case(4, 16, 8, 0.5), case(1, 49, 3, 0.75), case(3, 4, 2, 0.9), case(2, 8, 5, 0.0), case(6, 64, 4, 0.25)]
     return run_check("gather_kept_tokens", cases,
                      "gather_kept_tokens(tokens [B, 1+N, D], keep [B, K]) returns a tensor [B, 1+K, D]")
+
+
+def check_ideal_speedup(student_fn) -> CheckResult:
+    """``ideal_speedup(fixed_share, ratio, n_patches)``: Amdahl's bound for the tokens that really remain."""
+    def case(fixed, ratio, n):
+        def run():
+            got = student_fn(fixed, ratio, n)
+            expect(isinstance(got, (int, float)) and not isinstance(got, bool), f"returned a {type(got).__name__}",
+                   "a speedup is a plain Python number")
+            kept = masking.kept_token_fraction(n, ratio)
+            expected = amdahl_ideal(fixed, kept)
+            if abs(got - expected) <= 1e-9 * expected:
+                return
+            known_slips = [(1 / expected, "a speedup is the old step time over the new one"),
+                           (amdahl_ideal(fixed, 1 - ratio),
+                            "count the tokens that really remain: K is rounded down, and one token is never dropped"),
+                           (amdahl_ideal(fixed, masking.num_keep(n, ratio) / n),
+                            "the blocks see one more token than the kept patches"),
+                           (1 / kept, "only the part of the step after the mask shrinks; the fixed share stays whole")]
+            hint = next((h for value, h in known_slips if abs(got - value) <= 1e-9 * value),
+                        "Amdahl: the fixed share stays whole, the rest shrinks with the share of tokens that remain")
+            expect(False, f"returned {got:.6g}, expected {expected:.6g}", hint)
+        return f"fixed share {fixed}, ratio {ratio}, N={n}", run
+
+    cases = [(0.0, 0.0, 49), (0.0, 0.5, 64), (0.0, 0.75, 49), (0.0127, 0.75, 49), (0.094, 0.5, 64),
+             (0.094, 0.75, 64), (0.3, 0.9, 196), (1.0, 0.75, 49)]
+    return run_check("ideal_speedup", [case(*c) for c in cases],
+                     "ideal_speedup(fixed_share, ratio, n_patches) takes two floats and an int and returns a float")
