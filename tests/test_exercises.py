@@ -231,3 +231,8 @@ def test_notebooks_import_logic_only_from_labkit():
         modules = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
         modules |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
         assert {m.split(".")[0] for m in modules} <= allowed, spec.name
+
+
+def test_each_speedup_slip_gets_its_own_hint():
+    hints = {flip.check_ideal_speedup(wrong).message.split(" — hint: ")[1] for wrong in WRONG["ideal_speedup"]}
+    assert len(hints) == len(WRONG["ideal_speedup"]) == 4

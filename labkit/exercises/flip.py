@@ -117,7 +117,7 @@ def check_ideal_speedup(student_fn) -> CheckResult:
             expect(False, f"returned {got:.6g}, expected {expected:.6g}", hint)
         return f"fixed share {fixed}, ratio {ratio}, N={n}", run
 
-    cases = [(0.0, 0.0, 49), (0.0, 0.5, 64), (0.0, 0.75, 49), (0.0127, 0.75, 49), (0.094, 0.5, 64),
+    cases = [(0.0, 0.0, 49), (0.0, 0.75, 49), (0.0, 0.5, 64), (0.0127, 0.75, 49), (0.094, 0.5, 64),
              (0.094, 0.75, 64), (0.3, 0.9, 196), (1.0, 0.75, 49)]
     return run_check("ideal_speedup", [case(*c) for c in cases],
                      "ideal_speedup(fixed_share, ratio, n_patches) takes two floats and an int and returns a float")
