@@ -183,7 +183,8 @@ def masks_grid_figure(images, masks: dict, patch_size: int, titles=None) -> Figu
 
 
 def throughput_figure(bench: dict) -> Figure:
-    """Speedup over no masking per model and ratio: random vs cluster bars, naive and Amdahl ideals."""
+    """Speedup over no masking per model and ratio: random vs cluster bars, naive and Amdahl ideals
+    (for ``1 - r`` of the tokens, and for the ``(K + 1) / (N + 1)`` that really remain)."""
     models = bench["models"]
     fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 4), squeeze=False)
     for ax, m in zip(axes[0], models):
@@ -202,13 +203,15 @@ def throughput_figure(bench: dict) -> Figure:
                       label="ideal 1/(1-r)" if j == 0 else None)
             ax.hlines(row["amdahl_ideal"], j - 0.45, j + 0.45, colors="green", linestyles="--",
                       label=f"Amdahl ideal (f={m['f_stem']:.2f})" if j == 0 else None)
+            ax.hlines(row["amdahl_ideal_kept_tokens"], j - 0.45, j + 0.45, colors="purple", linestyles="-.",
+                      label="Amdahl, tokens that remain" if j == 0 else None)
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xticks(x, [f"ratio {q}" for q in ratios])
         ax.set_ylabel("training-step speedup over no masking")
         ax.set_ylim(0, 1.35 * max(r["ideal"] for r in rows))
         ax.set_title(f"{m['model']}: batch {m['batch']}, {m['image_size']} px", fontsize=10)
         ax.legend(fontsize=8, loc="upper left")
-    fig.suptitle(f"vision tower fwd+bwd+AdamW on {bench['device']} ({bench['dtype']})")
+    fig.suptitle(f"vision tower fwd+bwd+{bench['optimizer']} on {bench['device']} ({bench['dtype']})")
     fig.tight_layout()
     return fig
 
