@@ -23,7 +23,8 @@ then one device run (carry [".whl"], timeout_s 540; a few minutes, estimated: it
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \\
     PYTHONPATH=/tmp/site:. HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 python3 scripts/device_check.py --out $OUT
 
-It runs on a CPU as well: ``LABKIT_FAST=1 python scripts/device_check.py --steps 4 --out /tmp/dc`` is its smoke test.
+It runs on a CPU as well: ``LABKIT_FAST=1 python scripts/device_check.py --steps 4 --out /tmp/dc`` is its smoke test
+(``tests/test_scripts.py``); it also ran here with the device image's transformers 5.17.0 and huggingface_hub 1.33.0.
 """
 
 from __future__ import annotations
