@@ -9,6 +9,7 @@
   the same ideal when the optimizer step (which does not shrink either) is counted in ``f``, and the
   ideal for the tokens that really remain: ``1 - r`` replaced by ``(K + 1) / (N + 1)``, since the CLS
   token is never dropped and ``K = int(N (1 - r))`` rounds down (ViT-B-32 at 0.75: 13 of 50 tokens, 0.26).
+  ``speedup_quartiles`` shows the machine's noise: the middle half of the per-round speedups.
 * :func:`eval_masking` trains the toy CLIP with none / random / cluster masking for the same
   wall-clock budget and reports zero-shot accuracy (shape, colour; shape split by object size),
   retrieval R@1, images seen, and an accuracy-versus-training-time curve.
@@ -133,8 +134,12 @@ def _time_model(name: str, batch: int, ratios, strategies, warmup: int, repeats:
         amdahl = amdahl_ideal(f_stem, 1 - ratio)
         kept = masking.kept_token_fraction(n_patches, ratio)
         amdahl_tokens = amdahl_ideal(f_stem, kept)
+        # one speedup per round (a round times every config once, so both share the machine's state then)
+        per_round = [b / x for b, x in zip(times[("none", 0.0)]["step"], times[c]["step"], strict=True)]
+        q1, _, q3 = statistics.quantiles(per_round, n=4, method="inclusive")
         row = {"strategy": strategy, "ratio": ratio, "step_ms": round(1000 * t, 1),
                "images_per_s": round(batch / t, 1), "speedup": round(base / t, 3),
+               "speedup_quartiles": [round(q1, 3), round(q3, 3)],
                "ideal": round(1 / (1 - ratio), 3), "amdahl_ideal": round(amdahl, 3),
                "of_amdahl": round(base / t / amdahl, 3),
                "amdahl_ideal_with_optimizer": round(amdahl_ideal(f_stem + f_opt, 1 - ratio), 3),

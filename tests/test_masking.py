@@ -252,6 +252,8 @@ def test_bench_masking_fast_reports_ratios_and_ideals():
         # the toy ViT has 64 patches: K = int(64 (1 - r)) of them plus the never-dropped CLS token remain
         assert r["kept_token_fraction"] == round((int(64 * (1 - r["ratio"])) + 1) / 65, 4)
         assert 1.0 <= r["amdahl_ideal_kept_tokens"] <= r["amdahl_ideal"]
+        q1, q3 = r["speedup_quartiles"]  # per-round speedups: 1 exactly for the baseline, else spread around it
+        assert q1 <= q3 and ((q1, q3) == (1.0, 1.0) if r["ratio"] == 0 else q1 > 0)
     assert 0 < m["f_stem"] < 1
     assert "toy_cluster_ge_0.9_of_random" in res["targets"]
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
