@@ -183,8 +183,9 @@ def masks_grid_figure(images, masks: dict, patch_size: int, titles=None) -> Figu
 
 
 def throughput_figure(bench: dict) -> Figure:
-    """Speedup over no masking per model and ratio: random vs cluster bars, naive and Amdahl ideals
-    (for ``1 - r`` of the tokens, and for the ``(K + 1) / (N + 1)`` that really remain)."""
+    """Speedup over no masking per model and ratio: random vs cluster bars (whiskers: the middle half of the
+    per-round speedups), naive and Amdahl ideals (for ``1 - r`` of the tokens, and for the ``(K + 1) / (N + 1)``
+    that really remain)."""
     models = bench["models"]
     fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 4), squeeze=False)
     for ax, m in zip(axes[0], models):
@@ -193,9 +194,14 @@ def throughput_figure(bench: dict) -> Figure:
         x = np.arange(len(ratios))
         width = 0.35
         for k, strategy in enumerate(("random", "cluster")):
-            vals = [next((r["speedup"] for r in rows if r["strategy"] == strategy and r["ratio"] == q), np.nan)
-                    for q in ratios]
-            bars = ax.bar(x + (k - 0.5) * width, vals, width, label=strategy, color=STRATEGY_COLORS[strategy])
+            picked = [next((r for r in rows if r["strategy"] == strategy and r["ratio"] == q), None) for q in ratios]
+            vals = [r["speedup"] if r else np.nan for r in picked]
+            # whiskers: the middle half of the per-round speedups (the machine's noise within the run)
+            spread = np.array([[max(0.0, r["speedup"] - r["speedup_quartiles"][0]),
+                                max(0.0, r["speedup_quartiles"][1] - r["speedup"])] if r else [0.0, 0.0]
+                               for r in picked]).T
+            bars = ax.bar(x + (k - 0.5) * width, vals, width, yerr=spread, capsize=3, label=strategy,
+                          color=STRATEGY_COLORS[strategy])
             ax.bar_label(bars, fmt="%.2fx", fontsize=8)
         for j, q in enumerate(ratios):
             row = next(r for r in rows if r["ratio"] == q)

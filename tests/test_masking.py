@@ -293,7 +293,8 @@ def test_viz_figures_draw(tmp_path):
                                      sim=M.similarity_matrix(imgs[:1], 8)[0]),
             viz.masks_grid_figure(imgs, {"cluster": d["masked"]}, 8)]
     rows = [{"strategy": s, "ratio": r, "speedup": 1 + r, "ideal": 1 / (1 - r), "amdahl_ideal": 1 + r,
-             "amdahl_ideal_kept_tokens": 1 + r - 0.1} for s in ("random", "cluster") for r in (0.5, 0.75)]
+             "amdahl_ideal_kept_tokens": 1 + r - 0.1, "speedup_quartiles": [r + 0.9, r + 1.2]}
+            for s in ("random", "cluster") for r in (0.5, 0.75)]
     figs.append(viz.throughput_figure({"device": "cpu", "dtype": "fp32", "optimizer": "AdamW (fused)", "models": [
         {"model": "toy", "batch": 8, "image_size": 64, "f_stem": 0.1, "rows": rows}]}))
     curve = [{"train_seconds": 1.0, "zero_shot_shape_acc": 0.3, "retrieval_i2t_r1": 0.1}]
