@@ -29,6 +29,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work (CUDA, MPS), so a wall-clock timer measures it; a no-op on CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def autocast(device: torch.device | str):
     """bf16 autocast on CUDA; a no-op elsewhere (bf16 gave no CPU speed-up here, DESIGN.md)."""
     device = torch.device(device)

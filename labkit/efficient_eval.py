@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from . import toyworld as tw
+from .device import synchronize
 from .models import ClipModel
 from .vlm import PAD_ID, ToyVLM, load_vlm
 
@@ -119,12 +120,10 @@ def inference_speedup(baseline: ToyVLM, candidates: dict[str, ToyVLM], images: t
         for name, model in models.items():
             model.eval()
             device = next(model.parameters()).device
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            synchronize(device)
             t0 = time.perf_counter()
             model.match_scores(images.to(device), ids.to(device))
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            synchronize(device)
             if r >= warmup:
                 times[name].append(time.perf_counter() - t0)
     base = float(np.median(times["baseline"]))
