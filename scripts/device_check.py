@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import statistics
 import time
 from pathlib import Path
@@ -42,37 +43,44 @@ import torch
 from labkit import tip_eval
 from labkit import tipadapter as tip
 from labkit.blip2_data import ASSETS, FrozenPatchEncoder
+from labkit.blip2_lm import load_module_state
 from labkit.blip2_train import load_stage1, load_text_lm, train_stage1, train_stage2
+from labkit.cli import build_parser
 from labkit.clip import train_toy_clip, zero_shot_classifier
-from labkit.device import autocast, fast_mode, get_device
+from labkit.device import autocast, fast_mode, get_device, synchronize
 from labkit.efficient_eval import eval_scenes, inference_speedup, load_efficient
 from labkit.masking_bench import bench_masking
-from labkit.models import ClipModel, load_clip
-
-SHIPPED_STEPS = {"stage1": 2000, "stage2_t5": 10000, "toy_clip": 2800}  # the shipped checkpoints' commands (batches 32, 64, 128)
+from labkit.models import ClipModel, load_clip, toy_checkpoint_dir
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def shipped_command(name: str) -> argparse.Namespace:
+    """The ``labkit`` arguments that made a shipped checkpoint (``stage1``, ``stage2_t5`` or ``toy_clip``): its
+    config records the command line, so the timed runs use the shipped batch size and flags."""
+    if name == "toy_clip":
+        config = json.loads((toy_checkpoint_dir() / "open_clip_config.json").read_text())
+        command = config["labkit"]["training"]["command"]
+    else:
+        command = load_module_state(ASSETS / name)[1]["command"]
+    return build_parser().parse_args(shlex.split(command)[1:])
 
 
 def _median_ms(fn, device: torch.device, repeats: int) -> float:
     warmup, times = 1 if fast_mode() else 3, []
     for i in range(warmup + repeats):
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        synchronize(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return round(1000 * statistics.median(times), 2)
 
 
-def _throughput(images_per_s: float, batch: int, shipped_steps: int) -> dict:
+def _throughput(images_per_s: float, shipped: argparse.Namespace) -> dict:
     """Steady training throughput (``fit``'s median after warm-up) and the shipped run's length at that speed."""
+    batch = shipped.batch_size
     return {"batch": batch, "images_per_s": round(images_per_s, 1), "steps_per_s": round(images_per_s / batch, 2),
-            "shipped_steps": shipped_steps, "shipped_run_s": round(shipped_steps * batch / images_per_s, 1)}
+            "shipped_steps": shipped.steps, "shipped_run_s": round(shipped.steps * batch / images_per_s, 1)}
 
 
 def check_masking() -> dict:
@@ -84,11 +92,12 @@ def check_masking() -> dict:
 def check_blip2(steps: int, device: torch.device) -> dict:
     clip = load_clip("toy", device)
     encoder = FrozenPatchEncoder(clip).to(device)
-    _, info1 = train_stage1(encoder, clip, steps=steps, batch_size=32, progress=False)
-    _, info2 = train_stage2(encoder, load_text_lm(ASSETS / "lm_t5"), load_stage1(), steps=steps, batch_size=64,
-                            progress=False, eval_n=50, text_conditioned=True, shape_share=0.6)
-    return {"stage1": _throughput(info1["images_per_s"], 32, SHIPPED_STEPS["stage1"]),
-            "stage2_t5": _throughput(info2["images_per_s"], 64, SHIPPED_STEPS["stage2_t5"])}
+    one, two = shipped_command("stage1"), shipped_command("stage2_t5")
+    _, info1 = train_stage1(encoder, clip, steps=steps, batch_size=one.batch_size, lr=one.lr, progress=False)
+    _, info2 = train_stage2(encoder, load_text_lm(ASSETS / "lm_t5"), load_stage1(), steps=steps, batch_size=two.batch_size,
+                            lr=two.lr, progress=False, eval_n=50, text_conditioned=two.text_conditioned,
+                            shape_share=two.shape_share)
+    return {"stage1": _throughput(info1["images_per_s"], one), "stage2_t5": _throughput(info2["images_per_s"], two)}
 
 
 def check_efficient(device: torch.device, repeats: int) -> dict:
@@ -139,8 +148,9 @@ def check_tip(device: torch.device, repeats: int) -> dict:
 
 
 def check_clip(steps: int, device: torch.device) -> dict:
-    _, record = train_toy_clip(steps=steps, batch_size=128, eval_n=0, progress=False)
-    return _throughput(record["images_per_s"], 128, SHIPPED_STEPS["toy_clip"])
+    shipped = shipped_command("toy_clip")
+    _, record = train_toy_clip(steps=steps, batch_size=shipped.batch_size, lr=shipped.lr, eval_n=0, progress=False)
+    return _throughput(record["images_per_s"], shipped)
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from labkit import toyworld as tw
-from labkit.blip2_data import FrozenPatchEncoder, Stage1Batches, Stage2Batches, render, tokenizer
+from labkit.blip2_data import FrozenPatchEncoder, Stage1Batches, Stage2Batches, question_type, render, tokenizer
 from labkit.blip2_eval import caption_attribute_hits, parse_caption, query_cross_attention, question_attention
 from labkit.blip2_lm import (
     Blip2Stage2,
@@ -165,7 +165,7 @@ def test_a_few_training_steps_reduce_the_loss(encoder):
 
 
 def test_stage2_batches_shape_share(encoder):
-    share = lambda batches: np.mean([p.startswith("what shape is the") for p in _prefix_texts(batches)])  # noqa: E731
+    share = lambda batches: np.mean([question_type(p) == "shape" for p in _prefix_texts(batches)])  # noqa: E731
     uniform, weighted = share(Stage2Batches(encoder, 64)), share(Stage2Batches(encoder, 64, shape_share=0.6))
     assert uniform < 0.2 < 0.3 < weighted  # vqa_fraction 0.6: about 0.6 * 0.2 uniformly, 0.6 * (0.6 + 0.4 * 0.2) weighted
     with pytest.raises(ValueError, match=r"shape_share must lie in \[0, 1\], got 1.5"):
