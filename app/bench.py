@@ -57,7 +57,7 @@ def bench_app(n_requests: int = 200, n_clients: int = 20, model: str = "toy", ta
     from gradio_client import Client, handle_file
     from PIL import Image
 
-    from labkit import toyworld as tw
+    from labkit.data import toyworld as tw
 
     from .main import CONCURRENCY, MAX_BATCH, QUEUE_SIZE, SOURCES
 

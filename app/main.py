@@ -30,10 +30,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from labkit import tip_eval, viz_tip  # noqa: E402
-from labkit import tipadapter as tip  # noqa: E402
-from labkit.clip import zero_shot_classifier  # noqa: E402
-from labkit.models import ModelError, cached_openclip_weights, load_clip, toy_checkpoint_dir  # noqa: E402
+from labkit.clip.eval import zero_shot_classifier  # noqa: E402
+from labkit.clip.model import ModelError, cached_openclip_weights, load_clip, toy_checkpoint_dir  # noqa: E402
+from labkit.tipadapter import cache as tip  # noqa: E402
+from labkit.tipadapter import eval as tip_eval
+from labkit.tipadapter import viz as viz_tip  # noqa: E402
 
 from .uploads import MAX_FILE_SIZE, MAX_SHOTS, load_image, support_from_uploads, to_tensor  # noqa: E402
 

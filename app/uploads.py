@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from labkit import tipadapter as tip
+from labkit.tipadapter import cache as tip
 
 MAX_SHOTS = 16
 MAX_FILES_PER_CLASS = 32

@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from labkit import toyworld as tw
-from labkit.blip2_data import ASSETS, load_encoder, question_prefixes, question_type, render
-from labkit.blip2_train import load_stage1, stage1_config
-from labkit.qformer import QFormer
+from labkit.blip2.data import ASSETS, load_encoder, question_prefixes, question_type, render
+from labkit.blip2.qformer import QFormer
+from labkit.blip2.train import load_stage1, stage1_config
+from labkit.data import toyworld as tw
 
 SHAPES, COLORS = list(tw.BASE_SHAPES), list(tw.COLORS)
 

@@ -40,17 +40,19 @@ from pathlib import Path
 import open_clip
 import torch
 
-from labkit import tip_eval
-from labkit import tipadapter as tip
-from labkit.blip2_data import ASSETS, FrozenPatchEncoder
-from labkit.blip2_lm import load_module_state
-from labkit.blip2_train import load_stage1, load_text_lm, train_stage1, train_stage2
+from labkit.blip2.data import ASSETS, FrozenPatchEncoder
+from labkit.blip2.train import load_stage1, load_text_lm, train_stage1, train_stage2
 from labkit.cli import build_parser
-from labkit.clip import train_toy_clip, zero_shot_classifier
-from labkit.device import autocast, fast_mode, get_device, synchronize
-from labkit.efficient_eval import eval_scenes, inference_speedup, load_efficient
-from labkit.masking_bench import bench_masking
-from labkit.models import ClipModel, load_clip, toy_checkpoint_dir
+from labkit.clip.eval import zero_shot_classifier
+from labkit.clip.model import ClipModel, load_clip, toy_checkpoint_dir
+from labkit.clip.pretrain import train_toy_clip
+from labkit.core.checkpoint import load_module_state
+from labkit.core.device import autocast, get_device, synchronize
+from labkit.core.train import fast_mode
+from labkit.efficientvlm.eval import eval_scenes, inference_speedup, load_efficient
+from labkit.masking.bench import bench_masking
+from labkit.tipadapter import cache as tip
+from labkit.tipadapter import eval as tip_eval
 
 
 def shipped_command(name: str) -> argparse.Namespace:

@@ -31,13 +31,16 @@ import copy
 
 import torch
 
-from labkit import efficient as eff
-from labkit import viz_efficient as viz
-from labkit.device import fast_mode, get_device
-from labkit.efficient_eval import count_params, efficient_assets_dir, eval_scenes, evaluate_vlm, inference_speedup
-from labkit.models import load_clip
-from labkit.vlm import MODALITIES, load_vlm
-from labkit.vlm_train import prune_student, recover_pruned, train_student, train_teacher
+from labkit.efficientvlm import prune as eff
+from labkit.efficientvlm import viz
+from labkit.core.train import fast_mode
+from labkit.core.device import get_device
+from labkit.efficientvlm.eval import count_params, efficient_assets_dir, eval_scenes, evaluate_vlm, inference_speedup
+from labkit.clip.model import load_clip
+from labkit.efficientvlm.model import MODALITIES, load_vlm
+from labkit.efficientvlm.prune import prune_student, recover_pruned
+from labkit.efficientvlm.distill import train_student
+from labkit.efficientvlm.train import train_teacher
 
 FAST = fast_mode()
 torch.manual_seed(0)

@@ -113,7 +113,8 @@ def render(name: str) -> str:
 
 def figures() -> dict:
     """docs/img file name -> (results file, function drawing a matplotlib Figure from its JSON)."""
-    from labkit import viz_masking, viz_tip
+    from labkit.masking import viz as viz_masking
+    from labkit.tipadapter import viz as viz_tip
 
     def tip_shots(data):
         return viz_tip.accuracy_vs_shots_figure(data["results"],

@@ -5,7 +5,7 @@ import sys
 import torch
 from safetensors.torch import save_file
 
-from labkit.clip import train_toy_clip
+from labkit.clip.pretrain import train_toy_clip
 
 out = sys.argv[1]
 clip, record = train_toy_clip(steps=3, batch_size=8, progress=False, eval_n=0)

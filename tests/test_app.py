@@ -11,7 +11,7 @@ from PIL import Image
 
 from app import main as m
 from app import uploads as up
-from labkit import tipadapter as tip
+from labkit.tipadapter import cache as tip
 
 RED, BLUE, GREEN = (220, 30, 30), (30, 40, 220), (30, 200, 60)
 
@@ -19,8 +19,8 @@ RED, BLUE, GREEN = (220, 30, 30), (30, 40, 220), (30, 200, 60)
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     """A randomly initialised toy CLIP in local-dir layout: the app's plumbing does not need a trained one."""
-    from labkit.clip import new_toy_clip
-    from labkit.models import save_local_dir
+    from labkit.clip.model import save_local_dir
+    from labkit.clip.pretrain import new_toy_clip
 
     torch.manual_seed(0)
     clip = new_toy_clip(device="cpu")

@@ -23,8 +23,8 @@ pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     from app.bench import free_port
-    from labkit.clip import new_toy_clip
-    from labkit.models import save_local_dir
+    from labkit.clip.model import save_local_dir
+    from labkit.clip.pretrain import new_toy_clip
 
     torch.manual_seed(0)
     clip = new_toy_clip(device="cpu")

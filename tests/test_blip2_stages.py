@@ -7,22 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from labkit import toyworld as tw
-from labkit.blip2_data import FrozenPatchEncoder, Stage1Batches, Stage2Batches, question_type, render, tokenizer
-from labkit.blip2_eval import caption_attribute_hits, parse_caption, query_cross_attention, question_attention
-from labkit.blip2_lm import (
-    Blip2Stage2,
-    TextBatch,
-    decoder_labels,
-    lm_generate,
-    lm_loss,
-    new_lm,
-    pack_left,
-    save_module,
-)
-from labkit.blip2_train import load_stage2, new_text_lm, stage1_config
-from labkit.clip import new_toy_clip
-from labkit.train import TrainConfig, fit
+from labkit.blip2.data import FrozenPatchEncoder, Stage1Batches, Stage2Batches, question_type, render, tokenizer
+from labkit.blip2.eval import caption_attribute_hits, parse_caption, query_cross_attention, question_attention
+from labkit.blip2.lm import TextBatch, decoder_labels, lm_generate, lm_loss, new_lm, pack_left
+from labkit.blip2.stage2 import Blip2Stage2
+from labkit.blip2.train import load_stage2, new_text_lm, stage1_config
+from labkit.clip.pretrain import new_toy_clip
+from labkit.core.checkpoint import save_module
+from labkit.core.train import TrainConfig, fit
+from labkit.data import toyworld as tw
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +49,7 @@ def test_stage1_hard_negative_groups_vary_shape_and_colour(clip, encoder):
 
 
 def test_pretrain_batches_reject_an_empty_or_unknown_variation(clip):
-    from labkit.clip import PretrainBatches
+    from labkit.clip.pretrain import PretrainBatches
 
     with pytest.raises(ValueError, match="vary must name at least one attribute"):
         PretrainBatches(clip, 32, vary=())
@@ -194,7 +187,7 @@ def test_caption_parsing_and_attribute_accuracy():
 
 
 def test_query_cross_attention_maps(encoder):
-    from labkit.qformer import QFormer
+    from labkit.blip2.qformer import QFormer
 
     maps = query_cross_attention(QFormer(stage1_config()).eval(), encoder(_images(2)))
     assert maps.shape == (2, 16, 8, 8)
@@ -205,7 +198,7 @@ def test_query_cross_attention_maps(encoder):
 
 def test_cli_train_and_eval_qformer_json(tmp_path, clip, capsys):
     from labkit.cli import main
-    from labkit.models import save_local_dir
+    from labkit.clip.model import save_local_dir
 
     save_local_dir(clip.model, clip.config, tmp_path / "clip")
     common = ["--assets", str(tmp_path / "blip2"), "--batch-size", "8"]

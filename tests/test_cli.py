@@ -35,7 +35,7 @@ def test_train_clip_fast_mode_writes_a_loadable_local_dir(tmp_path, capsys):
                  "--out", str(out), "--work-dir", str(work), "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["steps"] == 3
-    from labkit.models import load_clip
+    from labkit.clip.model import load_clip
 
     clip = load_clip(f"local-dir:{out}", device="cpu")
     assert clip.config["labkit"]["training"]["steps"] == 3
@@ -47,7 +47,7 @@ def test_train_pruned_fast_mode_prunes_recovers_and_saves(tmp_path, capsys, monk
     assert main(["train", "pruned", "--recover-steps", "2", "--out", str(out), "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["steps"] == 3 and 0.0 <= result["retrieval_r1"] <= 1.0
-    from labkit.vlm import load_vlm
+    from labkit.efficientvlm.model import load_vlm
 
     model = load_vlm(out)
     assert model.meta["recover_steps"] == 2 and set(model.meta["sparsity_by_modality"]) == {"vision", "text", "fusion"}
@@ -57,8 +57,8 @@ def test_train_pruned_fast_mode_prunes_recovers_and_saves(tmp_path, capsys, monk
 
 def test_train_student_fast_mode_continues_from_a_student_and_rejects_a_non_student(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("LABKIT_FAST", "1")
-    from labkit.efficient_eval import efficient_assets_dir
-    from labkit.vlm import load_vlm
+    from labkit.efficientvlm.eval import efficient_assets_dir
+    from labkit.efficientvlm.model import load_vlm
 
     out = tmp_path / "student"
     shipped = efficient_assets_dir() / "student"

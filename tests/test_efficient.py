@@ -5,17 +5,13 @@ import math
 import pytest
 import torch
 
-from labkit import efficient as eff
-from labkit.models import load_clip
-from labkit.vlm import ToyVLM, VLMConfig, load_vlm, save_vlm
-from labkit.vlm_train import (
-    PruningModel,
-    VLMBatches,
-    distillation_loss,
-    make_student,
-    recover_pruned,
-    sample_negatives,
-)
+from labkit.clip.model import load_clip
+from labkit.efficientvlm import distill
+from labkit.efficientvlm import prune as eff
+from labkit.efficientvlm.distill import distillation_loss, make_student
+from labkit.efficientvlm.model import ToyVLM, VLMConfig, load_vlm, save_vlm
+from labkit.efficientvlm.prune import PruningModel, recover_pruned
+from labkit.efficientvlm.train import VLMBatches, sample_negatives
 
 TINY = dict(width=32, heads=4, intermediate=16, vision_layers=2, text_layers=2, fusion_layers=2, embed_dim=16)
 
@@ -63,12 +59,12 @@ def test_deterministic_gate_is_louizos_test_time_estimator():
 # ---------------------------------------------------------------- layer map
 
 def test_layer_map_matches_efficientvlm():
-    hidden, attention = eff.layer_map(12, 6)  # X-VLM's 12-layer ViT -> 6
+    hidden, attention = distill.layer_map(12, 6)  # X-VLM's 12-layer ViT -> 6
     assert hidden == [0, 2, 4, 6, 8, 10, 12] and attention == [1, 3, 5, 7, 9, 11]
-    assert eff.layer_map(4, 2) == ([0, 2, 4], [1, 3])
-    assert eff.layer_map(3, 3) == ([0, 1, 2, 3], [0, 1, 2])
+    assert distill.layer_map(4, 2) == ([0, 2, 4], [1, 3])
+    assert distill.layer_map(3, 3) == ([0, 1, 2, 3], [0, 1, 2])
     with pytest.raises(ValueError, match="does not fit"):
-        eff.layer_map(4, 3)
+        distill.layer_map(4, 3)
 
 
 def test_student_that_does_not_fit_the_layer_map_is_rejected():
@@ -80,7 +76,7 @@ def test_student_is_initialised_from_the_mapped_teacher_layers():
     teacher = tiny_vlm(vision_layers=4)
     student = make_student(teacher)
     assert [student.cfg.layers(m) for m in ("vision", "text", "fusion")] == [2, 1, 1]
-    for i, t in enumerate(eff.layer_map(4, 2)[0][:-1]):  # teacher layers 0 and 2
+    for i, t in enumerate(distill.layer_map(4, 2)[0][:-1]):  # teacher layers 0 and 2
         assert torch.equal(student.encoders["vision"][i].ffn.dense_in.weight, teacher.encoders["vision"][t].ffn.dense_in.weight)
     assert torch.equal(student.itm_head.weight, teacher.itm_head.weight)
 
@@ -225,7 +221,8 @@ def test_recovery_distils_a_finalized_model_without_attention_kd(clip, batch):
 # ---------------------------------------------------------------- evaluation
 
 def test_reranked_retrieval_follows_the_papers_protocol(clip):
-    from labkit.efficient_eval import eval_efficient, eval_scenes, evaluate_vlm, trim_padding
+    from labkit.efficientvlm.eval import eval_efficient, eval_scenes, evaluate_vlm
+    from labkit.efficientvlm.model import trim_padding
 
     model, data = tiny_vlm(seed=3), eval_scenes(clip, 10)
     top1 = evaluate_vlm(model, data, batch_size=4, rerank_k=1)  # re-ranking one candidate changes nothing

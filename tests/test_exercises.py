@@ -8,19 +8,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from labkit import blip2, efficient, masking, qformer, tipadapter
-from labkit.clip import zero_shot_classifier
-from labkit.exercises import Status, cluster, flip, tip
-from labkit.exercises import efficient as efficient_checks
-from labkit.exercises import qformer as qformer_checks
-from labkit.exercises.build import _clean, build_all
-from labkit.exercises.specs import ALL
-from labkit.masking_bench import amdahl_ideal
+from labkit.blip2 import exercises as qformer_checks
+from labkit.blip2 import qformer
+from labkit.blip2 import stage1 as blip2
+from labkit.clip.eval import zero_shot_classifier
+from labkit.efficientvlm import distill
+from labkit.efficientvlm import exercises as efficient_checks
+from labkit.efficientvlm import prune as efficient
+from labkit.exercises import Status
+from labkit.exercises.build import _clean, all_specs, build_all
+from labkit.masking import exercises as masking_checks
+from labkit.masking import masks as masking
+from labkit.masking.bench import amdahl_ideal
+from labkit.tipadapter import cache as tipadapter
+from labkit.tipadapter import exercises as tip_checks
 
 ROOT = Path(__file__).resolve().parents[1]
 EXERCISES = ROOT / "notebooks" / "exercises"
-CHECK_MODULES = (flip, cluster, qformer_checks, efficient_checks, tip)
-TASKS = [(spec, task) for spec in ALL for task in spec.tasks]
+CHECK_MODULES = (masking_checks, qformer_checks, efficient_checks, tip_checks)
+TASKS = [(spec, task) for spec in all_specs() for task in spec.tasks]
 
 
 def check_for(name: str):
@@ -172,7 +178,7 @@ REFERENCES = {
     "sample_hard_negatives": blip2.sample_hard_negatives,
     "hard_concrete_sample": efficient.hard_concrete_sample,
     "expected_l0": efficient.expected_l0,
-    "layer_map": efficient.layer_map,
+    "layer_map": distill.layer_map,
     "cache_logits": lambda f, k, v, b: tipadapter.cache_logits(tipadapter.affinity(f, k), v, b),
     "tip_logits": tipadapter.tip_logits,
     "zero_shot_classifier": zero_shot_classifier,
@@ -182,8 +188,8 @@ REFERENCES = {
 # ---------------------------------------------------------------- tests
 
 def test_every_method_has_three_tasks_and_every_task_two_wrong_implementations():
-    assert [spec.name for spec in ALL] == ["ex_flip", "ex_cluster_masking", "ex_qformer", "ex_efficientvlm", "ex_tip_adapter"]
-    assert all(len(spec.tasks) >= 3 for spec in ALL)
+    assert [spec.name for spec in all_specs()] == ["ex_flip", "ex_cluster_masking", "ex_qformer", "ex_efficientvlm", "ex_tip_adapter"]
+    assert all(len(spec.tasks) >= 3 for spec in all_specs())
     assert set(WRONG) == {task.name for _, task in TASKS}
     assert all(len(fns) >= 2 for fns in WRONG.values())
 
@@ -210,7 +216,7 @@ def test_known_wrong_implementation_fails_with_a_hint(name, index):
 
 def test_a_crash_is_a_failure_not_an_exception_and_the_rng_is_left_alone():
     state = torch.get_rng_state()
-    result = flip.check_random_keep_indices(lambda b, n, r: 1 / 0)
+    result = masking_checks.check_random_keep_indices(lambda b, n, r: 1 / 0)
     assert result.status is Status.FAIL and "ZeroDivisionError" in result.message
     assert torch.equal(state, torch.get_rng_state())
 
@@ -226,7 +232,7 @@ def test_committed_notebooks_are_what_the_specs_build(tmp_path):
 
 def test_notebooks_import_logic_only_from_labkit():
     allowed = {"math", "numpy", "torch", "matplotlib", "labkit"}
-    for spec in ALL:
+    for spec in all_specs():
         tree = ast.parse(_clean(spec.imports))
         modules = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
         modules |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
@@ -234,5 +240,5 @@ def test_notebooks_import_logic_only_from_labkit():
 
 
 def test_each_speedup_slip_gets_its_own_hint():
-    hints = {flip.check_ideal_speedup(wrong).message.split(" — hint: ")[1] for wrong in WRONG["ideal_speedup"]}
+    hints = {masking_checks.check_ideal_speedup(wrong).message.split(" — hint: ")[1] for wrong in WRONG["ideal_speedup"]}
     assert len(hints) == len(WRONG["ideal_speedup"]) == 4

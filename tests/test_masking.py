@@ -9,8 +9,8 @@ import pytest
 import torch
 from open_clip.transformer import PatchDropout
 
-from labkit import masking as M
-from labkit.clip import new_toy_clip
+from labkit.clip.pretrain import new_toy_clip
+from labkit.masking import masks as M
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +240,7 @@ def test_bad_inputs_raise_clear_errors(toy):
 # ---------------------------------------------------------------- studies, plots, CLI, scale-out
 
 def test_bench_masking_fast_reports_ratios_and_ideals():
-    from labkit.masking_bench import bench_masking
+    from labkit.masking.bench import bench_masking
 
     res = bench_masking(models=("toy",))
     m = res["models"][0]
@@ -261,7 +261,7 @@ def test_bench_masking_fast_reports_ratios_and_ideals():
 
 
 def test_eval_masking_fast_same_budget_and_curves():
-    from labkit.masking_bench import eval_masking
+    from labkit.masking.study import eval_masking
 
     res = eval_masking(variants=("none", "cluster"), progress=False, curve_points=2)
     assert [r["masking"] for r in res["runs"]] == ["none", "cluster"]
@@ -272,8 +272,8 @@ def test_eval_masking_fast_same_budget_and_curves():
 
 
 def test_object_drop_rates_small_objects_vanish_more_often():
-    from labkit.masking_bench import object_drop_rates, object_patches
-    from labkit.toyworld import ToyObject
+    from labkit.data.toyworld import ToyObject
+    from labkit.masking.study import object_drop_rates, object_patches
 
     obj = ToyObject("circle", "red", "small", "center", 32.0, 32.0)
     assert sorted(object_patches(obj)) == [27, 28, 35, 36]  # a 12 px box centred on 4 patches
@@ -285,7 +285,7 @@ def test_object_drop_rates_small_objects_vanish_more_often():
 def test_viz_figures_draw(tmp_path):
     import matplotlib.pyplot as plt
 
-    from labkit import viz_masking as viz
+    from labkit.masking import viz
 
     imgs = torch.rand(2, 3, 64, 64)
     keep, d = M.cluster_keep_indices(imgs, 8, 0.5, return_diagnostics=True)
@@ -321,7 +321,7 @@ def test_cli_bench_masking_json_last_line(capsys):
 
 
 def test_openclip_wrapper_installs_masking_and_dataset(tmp_path):
-    from labkit.openclip_train import TOY_ARCH, _with_masking, make_dataset, register_toy_arch
+    from labkit.masking.openclip_train import TOY_ARCH, _with_masking, make_dataset, register_toy_arch
 
     info = make_dataset(tmp_path / "data", n=6)
     lines = (tmp_path / "data" / "train.csv").read_text().splitlines()
@@ -342,7 +342,7 @@ def test_openclip_train_two_processes_under_torchrun(tmp_path):
 
     pytest.importorskip("braceexpand", reason="open_clip_train needs open_clip_torch[training]")
     pytest.importorskip("webdataset", reason="open_clip_train needs open_clip_torch[training]")
-    from labkit.openclip_train import make_dataset
+    from labkit.masking.openclip_train import make_dataset
 
     make_dataset(tmp_path / "data", n=64)
     torchrun = str(Path(sys.executable).parent / "torchrun")

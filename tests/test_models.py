@@ -7,9 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from labkit import toyworld as tw
-from labkit.clip import evaluate_clip, new_toy_clip, toy_clip_config
-from labkit.models import CONFIG_NAME, WEIGHTS_NAME, ModelError, load_clip, save_local_dir
+from labkit.clip.eval import evaluate_clip
+from labkit.clip.model import CONFIG_NAME, WEIGHTS_NAME, ModelError, load_clip, save_local_dir
+from labkit.clip.pretrain import new_toy_clip, toy_clip_config
+from labkit.data import toyworld as tw
 
 
 @pytest.fixture(scope="module")

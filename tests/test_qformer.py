@@ -4,9 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from labkit.blip2 import Blip2Stage1, itc_similarity, load_hf_stage1, sample_hard_negatives
-from labkit.nn import AttentionBlock, FeedForwardBlock, MultiHeadAttention
-from labkit.qformer import QFormer, QFormerConfig, attention_masks, load_hf_qformer
+from labkit.blip2.hf import load_hf_qformer, load_hf_stage1
+from labkit.blip2.qformer import QFormer, QFormerConfig, attention_masks
+from labkit.blip2.stage1 import Blip2Stage1, itc_similarity, sample_hard_negatives
+from labkit.core.blocks import AttentionBlock, FeedForwardBlock, MultiHeadAttention
 
 TOL = 1e-5
 

@@ -10,15 +10,16 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-from labkit import tip_eval, viz_tip
-from labkit import tipadapter as tip
+from labkit.tipadapter import cache as tip
+from labkit.tipadapter import eval as tip_eval
+from labkit.tipadapter import viz as viz_tip
 
 
 @pytest.fixture(scope="module")
 def toy_dir(tmp_path_factory):
     """A randomly initialised toy CLIP in local-dir layout (tests never depend on a trained checkpoint)."""
-    from labkit.clip import new_toy_clip
-    from labkit.models import save_local_dir
+    from labkit.clip.model import save_local_dir
+    from labkit.clip.pretrain import new_toy_clip
 
     torch.manual_seed(0)
     clip = new_toy_clip(device="cpu")
@@ -27,7 +28,7 @@ def toy_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clip(toy_dir):
-    from labkit.models import load_clip
+    from labkit.clip.model import load_clip
 
     return load_clip(f"local-dir:{toy_dir}", device="cpu")
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from labkit import toyworld as tw
-from labkit.bench import bench_toyworld
+from labkit.data import toyworld as tw
+from labkit.data.bench import bench_toyworld
 
 
 def test_deterministic_by_split_seed_index():

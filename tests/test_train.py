@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from labkit.train import CheckpointError, TrainConfig, fit, load_checkpoint, lr_lambda, steady_images_per_s
+from labkit.core.checkpoint import ModelError
+from labkit.core.train import TrainConfig, fit, load_train_state, lr_lambda, steady_images_per_s
 
 
 class Tiny(nn.Module):
@@ -82,11 +83,11 @@ def test_corrupt_or_mismatched_checkpoint_is_rejected_and_nothing_overwritten(tm
     state_file = tmp_path / "train_state.safetensors"
     wrong = nn.Sequential(nn.Linear(4, 8))
     before = [p.clone() for p in wrong.parameters()]
-    with pytest.raises(CheckpointError, match="does not match"):
-        load_checkpoint(tmp_path, wrong, None)
+    with pytest.raises(ModelError, match="does not match"):
+        load_train_state(tmp_path, wrong, None)
     assert all(torch.equal(a, b) for a, b in zip(before, wrong.parameters()))
     state_file.write_bytes(b"not a safetensors file")
-    with pytest.raises(CheckpointError, match="corrupt"):
+    with pytest.raises(ModelError, match="corrupt"):
         fit(Tiny(), mse, make_batch, TrainConfig(steps=8, out_dir=str(tmp_path)), progress=False)
     assert state_file.read_bytes() == b"not a safetensors file"
 
@@ -104,6 +105,6 @@ def test_ddp_two_cpu_processes_hold_identical_weights(tmp_path):
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
     torch.manual_seed(0)
-    from labkit.clip import new_toy_clip
+    from labkit.clip.pretrain import new_toy_clip
     init = new_toy_clip(device="cpu").model.state_dict()
     assert not torch.equal(init["visual.proj"], a["visual.proj"])  # training moved the weights

@@ -7,6 +7,6 @@ The notebooks and their solutions are generated from ``labkit/exercises/specs`` 
 ``python -m labkit.exercises.build``.
 """
 
-from .core import CheckResult, Status
+from labkit.exercises.checks import CheckResult, Status
 
 __all__ = ["CheckResult", "Status"]

@@ -1,4 +1,4 @@
-"""Write the exercise notebooks and their solutions from one spec per method (``labkit/exercises/specs``).
+"""Write the exercise notebooks and their solutions from one spec per method (``labkit/<method>/exercise_notebooks.py``).
 
 ``python -m labkit.exercises.build [--out notebooks/exercises]`` writes ``<out>/<name>.ipynb`` (function
 stubs that raise ``NotImplementedError``) and ``<out>/solutions/<name>.ipynb`` (the same notebook with the
@@ -12,6 +12,8 @@ Per task the notebook holds a markdown explanation, the function cell, a check c
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,10 +71,17 @@ class ExerciseNotebook:
         return self.source.replace(".", "/") + ".py"
 
 
-def _specs() -> list[ExerciseNotebook]:
-    from .specs import ALL
+def all_specs() -> list[ExerciseNotebook]:
+    """Every method's exercise notebooks, in the order of ``labkit.METHODS``: the ``NOTEBOOKS`` of each
+    ``labkit/<method>/exercise_notebooks.py`` (a method without exercises has no such module)."""
+    import labkit
 
-    return list(ALL)
+    specs = []
+    for method in labkit.METHODS:
+        name = f"labkit.{method}.exercise_notebooks"
+        if importlib.util.find_spec(name) is not None:
+            specs.extend(importlib.import_module(name).NOTEBOOKS)
+    return specs
 
 
 def _clean(text: str) -> str:
@@ -107,7 +116,7 @@ def build_all(out: str | Path) -> list[Path]:
     """Write every student notebook into ``out`` and every solution into ``out/solutions``; return the paths."""
     out = Path(out)
     written = []
-    for spec in _specs():
+    for spec in all_specs():
         for folder, solved in ((out, False), (out / "solutions", True)):
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / f"{spec.name}.ipynb"

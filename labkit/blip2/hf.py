@@ -1,0 +1,158 @@
+"""BLIP-2's Querying Transformer (Q-Former) on labkit's own blocks (BLIP-2, Li et al., ICML 2023, §3.1).
+
+The Q-Former bridges a frozen image encoder and a frozen language model. It is a BERT-base
+layout (DESIGN.md, "BLIP-2") with a twist: a fixed set of learned **queries** (32×768 in the
+paper) interact with each other and with the text through *shared* self-attention, read the
+frozen image features through cross-attention inserted every ``cross_attention_frequency``
+layers (every other layer in BLIP-2), and go through their own FFN, while text positions use
+the BERT FFN. Which positions may see which is decided by the attention mask alone, and
+:func:`attention_masks` builds the three stage-1 layouts of the paper's Figure 2.
+
+``QFormer`` reproduces ``transformers``' ``Blip2QFormerModel`` (+ its text embeddings and
+``query_tokens``) to float precision: :func:`load_hf_qformer` maps the weights, and
+``tests/test_qformer.py`` checks the outputs agree within 1e-5. The stage-1 losses live in
+:mod:`labkit.blip2`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from labkit.blip2.qformer import QFormer, QFormerConfig, _hf_to_labkit_name
+from labkit.blip2.stage1 import Blip2Stage1
+
+
+@torch.no_grad()
+def load_hf_qformer(qformer: QFormer, hf_model_state_dict: dict, query_tokens: torch.Tensor | None = None) -> list[str]:
+    """Copy a ``transformers`` ``Blip2QFormerModel`` state dict (+ ``query_tokens``) into ``qformer``.
+
+    Accepts the Q-Former's own state dict, optionally merged with ``Blip2TextEmbeddings``
+    weights under ``embeddings.``, or a whole BLIP-2 model's state dict (keys under
+    ``qformer.``; ``query_tokens`` and ``embeddings.`` are then picked up too; other towers are
+    ignored). Returns the labkit parameter names left untouched: the text FFNs and text
+    embeddings when the checkpoint has no text input (``use_qformer_text_input=False``, as in
+    ``Blip2ForConditionalGeneration``). Shape or layout mismatches raise ``ValueError``.
+    """
+    own = qformer.state_dict()
+    if any(k.startswith("qformer.") for k in hf_model_state_dict):
+        hf_model_state_dict = {k.removeprefix("qformer."): v for k, v in hf_model_state_dict.items()
+                               if k.startswith(("qformer.", "embeddings.", "query_tokens"))}
+    if query_tokens is None:
+        query_tokens = hf_model_state_dict.get("query_tokens")
+    if query_tokens is None:
+        raise ValueError("query_tokens missing: pass the BLIP-2 model's query_tokens [1, Q, hidden]")
+    updates = {"query_tokens": torch.as_tensor(query_tokens)}
+    for name, value in hf_model_state_dict.items():
+        if name == "query_tokens" or name.endswith("position_ids"):  # position_ids: a non-learned buffer
+            continue
+        target = _hf_to_labkit_name(name)
+        if target is None or target not in own:
+            raise ValueError(f"checkpoint key {name!r} has no place in this Q-Former (layers={qformer.config.layers}, "
+                             f"cross_attention_frequency={qformer.config.cross_attention_frequency})")
+        updates[target] = value
+    for name, value in updates.items():
+        if value.shape != own[name].shape:
+            raise ValueError(f"{name}: checkpoint shape {tuple(value.shape)} != Q-Former shape {tuple(own[name].shape)}; "
+                             f"check QFormerConfig ({qformer.config})")
+        own[name].copy_(value)
+    missing = [k for k in own if k not in updates]
+    query_path = [k for k in missing if not k.startswith(("word_", "position_")) and ".ffn_text." not in k]
+    if query_path:
+        raise ValueError(f"checkpoint lacks Q-Former weights: {query_path[:5]}{' …' if len(query_path) > 5 else ''}")
+    return missing
+
+
+@torch.no_grad()
+def load_hf_stage1(model: Blip2Stage1, hf_state_dict: dict) -> list[str]:
+    """Load a ``transformers`` ``Blip2ForImageTextRetrieval`` state dict (e.g. ``Salesforce/blip2-itm-vit-g``).
+
+    The Q-Former goes through :func:`labkit.qformer.load_hf_qformer`; ``vision_projection``,
+    ``text_projection`` and ``itm_head`` map to ``vision_proj``, ``text_proj`` and ``itm_head``.
+    The LM head and temperature stay as they are (that checkpoint has none). Returns the labkit
+    Q-Former parameter names left untouched.
+    """
+    missing = load_hf_qformer(model.qformer, hf_state_dict)
+    for hf_name, head in (("vision_projection", model.vision_proj), ("text_projection", model.text_proj),
+                          ("itm_head", model.itm_head)):
+        for leaf in ("weight", "bias"):
+            value, own = hf_state_dict.get(f"{hf_name}.{leaf}"), getattr(head, leaf)
+            if value is None or value.shape != own.shape:
+                shape = None if value is None else tuple(value.shape)
+                raise ValueError(f"{hf_name}.{leaf}: checkpoint shape {shape} != expected {tuple(own.shape)}")
+            own.copy_(value)
+    return missing
+
+
+def hf_equivalence_max_abs_diff(seed: int = 0) -> float:
+    """Max abs difference between labkit's Q-Former and ``transformers``' ``Blip2QFormerModel`` with the same random weights.
+
+    Two random configurations (cross-attention in every layer / every other layer), weights
+    moved off their init, queries alone and queries + text (bi-directional), fp32.
+    """
+    worst = 0.0
+    with torch.random.fork_rng():  # deterministic weights without disturbing the caller's random state
+        torch.manual_seed(seed)
+        for config in ((32, 2, 4, 1, 24, 4), (48, 3, 3, 2, 40, 5)):
+            worst = max(worst, _hf_equivalence_case(*config, seed=seed))
+    return worst
+
+
+def _hf_equivalence_case(hidden, layers, heads, freq, width, n_query, seed) -> float:
+    """One configuration: max abs difference of the query outputs and of the queries + text outputs."""
+    from transformers import Blip2QFormerConfig, Blip2QFormerModel
+    from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
+
+    from labkit.blip2.qformer import QFormer, load_hf_qformer
+
+    cfg = Blip2QFormerConfig(vocab_size=40, max_position_embeddings=16, hidden_size=hidden, num_hidden_layers=layers,
+                             num_attention_heads=heads, intermediate_size=2 * hidden, encoder_hidden_size=width,
+                             cross_attention_frequency=freq, use_qformer_text_input=True)
+    g = torch.Generator().manual_seed(seed)
+    hf = Blip2QFormerModel._from_config(cfg, attn_implementation="eager").eval()
+    emb = Blip2TextEmbeddings(cfg).eval()
+    with torch.no_grad():
+        for p in [*hf.parameters(), *emb.parameters()]:
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    queries = torch.randn(1, n_query, hidden, generator=g)
+    ours = QFormer(QFormerConfig.from_hf(cfg, num_queries=n_query)).eval()
+    load_hf_qformer(ours, {**hf.state_dict(), **{f"embeddings.{k}": v for k, v in emb.state_dict().items()}}, queries)
+    feats, ids = torch.randn(3, 7, width, generator=g), torch.randint(1, 40, (3, 6), generator=g)
+    mask = torch.arange(6)[None] < torch.tensor([6, 4, 2])[:, None]
+    q = queries.expand(3, -1, -1)
+    with torch.no_grad():
+        ref_q = hf(query_embeds=q, encoder_hidden_states=feats).last_hidden_state
+        ref_qt = hf(query_embeds=emb(ids, query_embeds=q), query_length=n_query, encoder_hidden_states=feats,
+                    attention_mask=torch.cat([torch.ones(3, n_query), mask.float()], 1)).last_hidden_state
+        out_q, out_qt = ours(feats), ours(feats, ids, mask, mode="itm")
+    return max((out_q.query - ref_q).abs().max().item(),
+               (torch.cat([out_qt.query, out_qt.text], 1) - ref_qt).abs().max().item())
+
+
+def cached_blip2(model_id: str = "Salesforce/blip2-opt-2.7b") -> bool:
+    """Whether ``model_id``'s config is in the Hugging Face cache (never touches the network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(model_id, "config.json"), str)
+
+
+@torch.no_grad()
+def real_query_attention(model_id: str, image: np.ndarray) -> tuple[torch.Tensor, int]:
+    """Cross-attention of a cached real BLIP-2's queries over ``image`` (HWC uint8): ``([Q, grid, grid], grid)``.
+
+    Averaged over heads and over the Q-Former's cross-attention layers. Raises ``ValueError``
+    when the weights are not cached (the lab never downloads at run time).
+    """
+    if not cached_blip2(model_id):
+        raise ValueError(f"{model_id} is not in the Hugging Face cache; on a machine with internet run "
+                         f"`huggingface-cli download {model_id}` and copy ~/.cache/huggingface here")
+    from transformers import Blip2Model, Blip2Processor
+
+    processor = Blip2Processor.from_pretrained(model_id, local_files_only=True)
+    model = Blip2Model.from_pretrained(model_id, local_files_only=True, torch_dtype=torch.float32).eval()
+    pixels = processor(images=image, return_tensors="pt")["pixel_values"]
+    feats = model.vision_model(pixels).last_hidden_state
+    out = model.qformer(query_embeds=model.query_tokens, encoder_hidden_states=feats, output_attentions=True)
+    maps = torch.stack([a for a in out.cross_attentions if a is not None]).mean(dim=(0, 2))[0, :, 1:]  # drop CLS
+    grid = int(round(maps.shape[-1] ** 0.5))
+    return maps.view(-1, grid, grid), grid

@@ -1,0 +1,10 @@
+"""``labkit bench toyworld``: how fast ToyWorld renders scenes."""
+
+from __future__ import annotations
+
+from labkit.cli import Command
+from labkit.data.bench import bench_toyworld
+
+COMMANDS = [
+    Command("bench", "toyworld", bench_toyworld, "scene rendering throughput", {"n": {"help": "scenes per repeat"}}),
+]

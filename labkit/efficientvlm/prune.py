@@ -1,0 +1,233 @@
+"""EfficientVLM's two compression steps (Wang et al., ACL Findings 2023): distil, then prune.
+
+1. **Distillation** (§3.1) into a student with half the layers of each encoder. Teacher and
+   student layers are matched by :func:`layer_map`; the losses are MSE on hidden states, MSE on
+   attention scores (masked positions zeroed) and KL on logits at a temperature
+   (:func:`distillation_losses`).
+2. **Modal-adaptive pruning** (§3.2) with hard-concrete L0 gates (Louizos et al., ICLR 2018) on
+   every attention head (self- and cross-attention) and every FFN unit of every layer of every
+   modality (:class:`Gates`). The expected sparsity is computed from parameter counts; a
+   Lagrangian with multipliers trained by gradient *ascent* drives it to one global target, and
+   the split between vision, text and fusion is learned. :func:`finalize` turns the gates into a
+   deterministic mask and physically removes the pruned heads and units.
+
+The gate maths (eq. numbers from Louizos et al. §4):
+    s = sigmoid((log u - log(1 - u) + log alpha) / beta),  u ~ U(0, 1)
+    z = clamp(s * (zeta - gamma) + gamma, 0, 1)                        (stretched, hard-clipped)
+    P(z != 0) = sigmoid(log alpha - beta * log(-gamma / zeta))          (expected L0, eq. 12)
+    test time: z = clamp(sigmoid(log alpha) * (zeta - gamma) + gamma, 0, 1)      (eq. 13)
+with beta = 2/3, gamma = -0.1, zeta = 1.1 as in the paper and EfficientVLM's code.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from labkit.clip.model import ClipModel
+from labkit.core.train import TrainConfig, fit, shorten
+from labkit.efficientvlm.distill import distillation_loss
+from labkit.efficientvlm.model import ToyVLM
+from labkit.efficientvlm.train import FAST_STEPS, VLMBatches
+
+BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1
+
+
+def hard_concrete_sample(log_alpha: torch.Tensor, u: torch.Tensor | None = None, beta: float = BETA,
+                         gamma: float = GAMMA, zeta: float = ZETA) -> torch.Tensor:
+    """A hard-concrete gate sample in [0, 1] for each ``log_alpha`` (uniform noise ``u`` drawn if not given)."""
+    if u is None:
+        eps = 1e-6
+        u = torch.rand_like(log_alpha).clamp(eps, 1 - eps)
+    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / beta)
+    return (s * (zeta - gamma) + gamma).clamp(0.0, 1.0)
+
+
+def expected_l0(log_alpha: torch.Tensor, beta: float = BETA, gamma: float = GAMMA, zeta: float = ZETA) -> torch.Tensor:
+    """P(gate != 0) = sigmoid(log alpha - beta * log(-gamma / zeta)): the expected L0 norm of each gate."""
+    return torch.sigmoid(log_alpha - beta * math.log(-gamma / zeta))
+
+
+def deterministic_gate(log_alpha: torch.Tensor, gamma: float = GAMMA, zeta: float = ZETA) -> torch.Tensor:
+    """The test-time gate clamp(sigmoid(log alpha) * (zeta - gamma) + gamma, 0, 1): exact zeros are pruned."""
+    return (torch.sigmoid(log_alpha) * (zeta - gamma) + gamma).clamp(0.0, 1.0)
+
+
+def site_unit_params(site: nn.Module) -> int:
+    """Parameters removed with one head (q/k/v rows and biases, ``out`` columns) or one FFN unit."""
+    if hasattr(site, "head_dim"):
+        return site.head_dim * (2 * site.dim + 2 * site.kv_dim + 3)
+    return 2 * site.dense_in.in_features + 1
+
+
+class Gates(nn.Module):
+    """One hard-concrete gate per attention head and FFN unit at every site of a model.
+
+    ``model.sites()`` maps names like ``"vision.0.attn"`` to :class:`labkit.nn.MultiHeadAttention`
+    or :class:`labkit.nn.FeedForwardBlock`; the modality is the first part of the name. Calling the
+    module returns ``{site: gate}``: samples in training, the deterministic test-time gate in eval.
+    """
+
+    def __init__(self, model: nn.Module, init_keep: float = 0.95):
+        super().__init__()
+        if not 0.0 < init_keep < 1.0:
+            raise ValueError(f"init_keep must lie in (0, 1), got {init_keep}")
+        sites = model.sites()
+        self.names = list(sites)
+        sizes = model.sizes()
+        init = math.log(init_keep / (1 - init_keep))
+        self.log_alpha = nn.ParameterList(nn.Parameter(torch.full((sizes[n],), init)) for n in self.names)
+        self.unit_params = [site_unit_params(sites[n]) for n in self.names]
+        self.modalities = sorted({n.split(".")[0] for n in self.names})
+
+    def forward(self) -> dict[str, torch.Tensor]:
+        pick = hard_concrete_sample if self.training else deterministic_gate
+        return {name: pick(a) for name, a in zip(self.names, self.log_alpha)}
+
+    def _params(self, per_gate) -> dict[str, torch.Tensor]:
+        out = {m: self.log_alpha[0].new_zeros(()) for m in self.modalities}
+        for name, a, cost in zip(self.names, self.log_alpha, self.unit_params):
+            out[name.split(".")[0]] = out[name.split(".")[0]] + cost * per_gate(a).sum()
+        return out
+
+    def total_params(self) -> dict[str, float]:
+        """Prunable parameters per modality (every gate open)."""
+        return {m: float(v) for m, v in self._params(torch.ones_like).items()}
+
+    def expected_params(self) -> dict[str, torch.Tensor]:
+        """Expected remaining prunable parameters per modality: sum of cost x P(gate != 0) (differentiable)."""
+        return self._params(expected_l0)
+
+    def expected_sparsity(self) -> torch.Tensor:
+        """One global expected sparsity: 1 - expected remaining / all prunable parameters."""
+        return 1 - sum(self.expected_params().values()) / sum(self.total_params().values())
+
+    @torch.no_grad()
+    def sparsity_by_modality(self, deterministic: bool = True) -> dict[str, float]:
+        """Sparsity of each modality: of the deterministic mask (default) or expected under the gates."""
+        total = self.total_params()
+        kept = self._params(lambda a: (deterministic_gate(a) > 0).float()) if deterministic else self.expected_params()
+        return {m: 1 - float(kept[m]) / total[m] for m in self.modalities}
+
+
+class Lagrangian(nn.Module):
+    """λ1 (ŝ - t) + λ2 (ŝ - t)²: added to the loss; λ1, λ2 are trained by gradient *ascent* (``maximize=True``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lambda_1 = nn.Parameter(torch.zeros(()))
+        self.lambda_2 = nn.Parameter(torch.zeros(()))
+
+    def forward(self, expected_sparsity: torch.Tensor, target: float) -> torch.Tensor:
+        gap = expected_sparsity - target
+        return self.lambda_1 * gap + self.lambda_2 * gap * gap
+
+
+def check_target(target: float) -> float:
+    if not 0.0 <= target < 1.0:
+        raise ValueError(f"target sparsity must lie in [0, 1), got {target}")
+    return float(target)
+
+
+def warmed_target(target: float, step: int, warmup_steps: int) -> float:
+    """The target ramps linearly from 0 to ``target`` over ``warmup_steps`` (CoFi / EfficientVLM)."""
+    return target * min(1.0, step / max(1, warmup_steps))
+
+
+@torch.no_grad()
+def finalize(model: nn.Module, gates: Gates) -> dict[str, int]:
+    """Turn gates into a deterministic mask and physically remove pruned heads and units, in place.
+
+    Kept gates below 1 are folded into the weights they scale (the columns of ``out`` for a head,
+    of ``dense_out`` for an FFN unit), so the smaller model computes exactly what the masked model
+    computed. Returns the new size of every site.
+    """
+    sites = model.sites()
+    for name, gate in gates.eval()().items():
+        site, keep = sites[name], gate > 0
+        if hasattr(site, "head_dim"):
+            site.out.weight.mul_(gate.repeat_interleave(site.head_dim)[None, :])
+            site.prune_heads(keep)
+        else:
+            site.dense_out.weight.mul_(gate[None, :])
+            site.prune_units(keep)
+    return model.sizes()
+
+
+class PruningModel(nn.Module):
+    """The student, its gates and the Lagrange multipliers, trained together by :func:`labkit.train.fit`."""
+
+    def __init__(self, student: ToyVLM, init_keep: float = 0.8):
+        super().__init__()
+        self.student, self.gates, self.lagrangian = student, Gates(student, init_keep), Lagrangian()
+
+
+def prune_student(student: ToyVLM, teacher: ToyVLM, clip: ClipModel, target: float, steps: int,
+                  batch_size: int = 64, lr: float = 1e-4, gate_lr: float = 0.1, lambda_lr: float = 0.1,
+                  warmup_fraction: float = 0.3, seed: int = 0, progress: bool = True,
+                  recover_steps: int = 0) -> tuple[ToyVLM, dict]:
+    """Modal-adaptive L0 pruning to one global ``target`` sparsity, then :func:`finalize`.
+
+    The loss is the distillation loss of the gated student plus the Lagrangian; the target ramps
+    up over ``warmup_fraction`` of the steps. The record logs, per step, the expected sparsity of
+    each modality (the learned split), λ1, λ2 and the current target, plus gate snapshots.
+    ``recover_steps`` > 0 then distils the finalized model from the teacher for that many steps
+    (:func:`recover_pruned`); its record is ``record["recovery"]``.
+    """
+    steps = shorten(steps, FAST_STEPS)
+    recover_steps = shorten(recover_steps, FAST_STEPS)
+    if recover_steps < 0:
+        raise ValueError(f"recover_steps must be >= 0, got {recover_steps}")
+    target = check_target(target)
+    teacher.eval().requires_grad_(False)
+    model = PruningModel(copy.deepcopy(student))
+    warmup = int(steps * warmup_fraction)
+    snapshots = []
+
+    def loss_fn(m, batch):
+        step = len(snapshots)
+        gates = m.gates()
+        loss, metrics = distillation_loss(m.student, teacher, batch, gates)
+        expected = m.gates.expected_sparsity()
+        t = warmed_target(target, step, warmup)
+        loss = loss + m.lagrangian(expected, t)
+        split = {f"sparsity_{k}": 1 - v.item() / total for (k, v), total in
+                 zip(m.gates.expected_params().items(), m.gates.total_params().values())}
+        snapshots.append({n: torch.sigmoid(a.detach()).cpu() for n, a in zip(m.gates.names, m.gates.log_alpha)}
+                         if step % max(1, steps // 20) == 0 or step == steps - 1 else None)
+        return loss, {**metrics, **split, "expected_sparsity": expected.item(), "target": t,
+                      "lambda_1": m.lagrangian.lambda_1.item(), "lambda_2": m.lagrangian.lambda_2.item()}
+
+    groups = [{"params": list(model.student.parameters()), "lr": lr, "weight_decay": 0.0},
+              {"params": list(model.gates.parameters()), "lr": gate_lr, "weight_decay": 0.0, "scheduled": False},
+              {"params": list(model.lagrangian.parameters()), "lr": lambda_lr, "weight_decay": 0.0, "maximize": True,
+               "scheduled": False}]  # gates and multipliers keep their learning rate to the end
+    cfg = TrainConfig(steps=steps, lr=lr, seed=seed, warmup=0.0, desc=f"prune to {target:.2f}", grad_clip=None)
+    record = fit(model, loss_fn, VLMBatches(clip, batch_size, seed), cfg, device=clip.device, progress=progress,
+                 groups=groups)
+    record["gate_snapshots"] = [(i, s) for i, s in enumerate(snapshots) if s is not None]
+    record["sparsity_by_modality"] = model.gates.sparsity_by_modality()
+    pruned = model.student
+    record["sizes"] = finalize(pruned, model.gates)
+    if recover_steps:
+        pruned, record["recovery"] = recover_pruned(pruned, teacher, clip, recover_steps, batch_size, lr, seed + 1,
+                                                    progress)
+    return pruned.eval(), record
+
+
+def recover_pruned(pruned: ToyVLM, teacher: ToyVLM, clip: ClipModel, steps: int, batch_size: int = 64,
+                   lr: float = 1e-4, seed: int = 0, progress: bool = True) -> tuple[ToyVLM, dict]:
+    """Distil the finalized (smaller) model from the teacher for ``steps`` more steps, gates gone.
+
+    The same loss as the student's (task + hidden-state and logits KD) minus the attention-score
+    MSE, whose head count no longer matches; the removed heads and units stay removed.
+    """
+    steps = shorten(steps, FAST_STEPS)
+    teacher.eval().requires_grad_(False)
+    cfg = TrainConfig(steps=steps, lr=lr, seed=seed, desc="recover", weight_decay=0.0)
+    record = fit(pruned, lambda model, batch: distillation_loss(model, teacher, batch, attention=False),
+                 VLMBatches(clip, batch_size, seed), cfg, device=clip.device, progress=progress)
+    return pruned.eval(), record
