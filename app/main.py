@@ -31,7 +31,9 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from labkit.clip.eval import zero_shot_classifier  # noqa: E402
-from labkit.clip.model import ModelError, cached_openclip_weights, load_clip, toy_checkpoint_dir  # noqa: E402
+from labkit.clip.model import ModelError, cached_openclip_weights, load_clip  # noqa: E402
+from labkit.core.assets import asset_dir  # noqa: E402
+from labkit.core.checkpoint import OPEN_CLIP, is_checkpoint  # noqa: E402
 from labkit.tipadapter import cache as tip  # noqa: E402
 from labkit.tipadapter import eval as tip_eval
 from labkit.tipadapter import viz as viz_tip  # noqa: E402
@@ -70,7 +72,7 @@ def available_models(default: str = "toy") -> list[str]:
     import open_clip
 
     names = [default]
-    if default != "toy" and toy_checkpoint_dir().joinpath("open_clip_config.json").is_file():
+    if default != "toy" and is_checkpoint(asset_dir("toy_clip"), OPEN_CLIP):
         names.append("toy")
     for arch, tag in open_clip.list_pretrained():
         try:

@@ -18,37 +18,11 @@ import importlib.util
 import inspect
 import json
 import sys
-from dataclasses import dataclass, field
-from typing import Callable
+
+from labkit.core.command import Command
 
 VERBS = {"train": "train a model", "eval": "evaluate a model", "bench": "measure speed"}
 PACKAGES = ("data", "clip")  # the shared foundation's commands; the methods follow in labkit.METHODS order
-SUPPRESSED = {"progress"}  # library parameters that the CLI sets itself (no bar under --json)
-
-
-@dataclass(frozen=True)
-class Command:
-    """``labkit <verb> <name>`` (or ``labkit <name>`` when ``verb`` is None) calls ``function(**options)``.
-
-    ``options`` maps each of ``function``'s parameters that the command exposes to its ``argparse``
-    settings (``help``, and ``type``/``choices`` where the default does not say it). An option's default
-    is the function's own, or the command's ``defaults`` (a shipped recipe); ``fixed`` arguments are
-    passed as they are (``labkit train teacher`` is ``train_vlm(what="teacher", ...)``).
-    """
-
-    verb: str | None
-    name: str
-    function: Callable[..., dict]
-    help: str
-    options: dict[str, dict] = field(default_factory=dict)
-    emits_json: bool = True
-    fixed: dict = field(default_factory=dict)
-    defaults: dict = field(default_factory=dict)
-
-    def default(self, name: str):
-        if name in self.defaults:
-            return self.defaults[name]
-        return inspect.signature(self.function).parameters[name].default
 
 
 def command_packages() -> list[str]:

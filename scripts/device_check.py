@@ -40,16 +40,18 @@ from pathlib import Path
 import open_clip
 import torch
 
-from labkit.blip2.data import ASSETS, FrozenPatchEncoder
+from labkit.blip2.data import FrozenPatchEncoder
 from labkit.blip2.train import load_stage1, load_text_lm, train_stage1, train_stage2
 from labkit.cli import build_parser
 from labkit.clip.eval import zero_shot_classifier
-from labkit.clip.model import ClipModel, load_clip, toy_checkpoint_dir
+from labkit.clip.model import ClipModel, load_clip
 from labkit.clip.pretrain import train_toy_clip
-from labkit.core.checkpoint import load_module_state
+from labkit.core.assets import asset_dir
+from labkit.core.checkpoint import OPEN_CLIP, read_metadata
 from labkit.core.device import autocast, get_device, synchronize
 from labkit.core.train import fast_mode
-from labkit.efficientvlm.eval import eval_scenes, inference_speedup, load_efficient
+from labkit.efficientvlm.eval import eval_scenes, inference_speedup
+from labkit.efficientvlm.model import load_efficient
 from labkit.masking.bench import bench_masking
 from labkit.tipadapter import cache as tip
 from labkit.tipadapter import eval as tip_eval
@@ -59,10 +61,9 @@ def shipped_command(name: str) -> argparse.Namespace:
     """The ``labkit`` arguments that made a shipped checkpoint (``stage1``, ``stage2_t5`` or ``toy_clip``): its
     config records the command line, so the timed runs use the shipped batch size and flags."""
     if name == "toy_clip":
-        config = json.loads((toy_checkpoint_dir() / "open_clip_config.json").read_text())
-        command = config["labkit"]["training"]["command"]
+        command = read_metadata(asset_dir("toy_clip"), OPEN_CLIP)["command"]
     else:
-        command = load_module_state(ASSETS / name)[1]["command"]
+        command = read_metadata(asset_dir(f"blip2/{name}"))["command"]
     return build_parser().parse_args(shlex.split(command)[1:])
 
 
@@ -96,8 +97,9 @@ def check_blip2(steps: int, device: torch.device) -> dict:
     encoder = FrozenPatchEncoder(clip).to(device)
     one, two = shipped_command("stage1"), shipped_command("stage2_t5")
     _, info1 = train_stage1(encoder, clip, steps=steps, batch_size=one.batch_size, lr=one.lr, progress=False)
-    _, info2 = train_stage2(encoder, load_text_lm(ASSETS / "lm_t5"), load_stage1(), steps=steps, batch_size=two.batch_size,
-                            lr=two.lr, progress=False, eval_n=50, text_conditioned=two.text_conditioned,
+    _, info2 = train_stage2(encoder, load_text_lm(asset_dir("blip2/lm_t5")), load_stage1(), steps=steps,
+                            batch_size=two.batch_size, lr=two.lr, progress=False, eval_n=50,
+                            text_conditioned=two.text_conditioned,
                             shape_share=two.shape_share)
     return {"stage1": _throughput(info1["images_per_s"], one), "stage2_t5": _throughput(info2["images_per_s"], two)}
 

@@ -13,7 +13,7 @@ from labkit.blip2.lm import TextBatch, decoder_labels, lm_generate, lm_loss, new
 from labkit.blip2.stage2 import Blip2Stage2
 from labkit.blip2.train import load_stage2, new_text_lm, stage1_config
 from labkit.clip.pretrain import new_toy_clip
-from labkit.core.checkpoint import save_module
+from labkit.core.checkpoint import save_checkpoint
 from labkit.core.train import TrainConfig, fit
 from labkit.data import toyworld as tw
 
@@ -241,7 +241,8 @@ def test_text_conditioned_stage2_reads_the_question_and_trains_the_text_parts(en
     assert not torch.allclose(maps[0], maps[1])
     with pytest.raises(ValueError, match="needs a text-conditioned stage 2"):
         question_attention(Blip2Stage2(stage1_config(), model.lm, image_encoder=encoder), feats, ["what color is the star?"])
-    save_module(tmp_path / "s2", model.trainable_state(), {"qformer": model.config.to_dict(), "text_conditioned": True})
+    save_checkpoint(tmp_path / "s2", model.trainable_state(), {"qformer": model.config.to_dict(), "text_conditioned": True},
+                    {"command": "test"}, dtype=torch.float16)
     loaded = load_stage2(tmp_path / "s2", model.lm)
     assert loaded.text_conditioned
     loaded.image_encoder = encoder

@@ -38,7 +38,7 @@ def test_train_clip_fast_mode_writes_a_loadable_local_dir(tmp_path, capsys):
     from labkit.clip.model import load_clip
 
     clip = load_clip(f"local-dir:{out}", device="cpu")
-    assert clip.config["labkit"]["training"]["steps"] == 3
+    assert clip.metadata["steps"] == 3
 
 
 def test_train_pruned_fast_mode_prunes_recovers_and_saves(tmp_path, capsys, monkeypatch):
@@ -57,15 +57,15 @@ def test_train_pruned_fast_mode_prunes_recovers_and_saves(tmp_path, capsys, monk
 
 def test_train_student_fast_mode_continues_from_a_student_and_rejects_a_non_student(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("LABKIT_FAST", "1")
-    from labkit.efficientvlm.eval import efficient_assets_dir
+    from labkit.core.assets import asset_dir
     from labkit.efficientvlm.model import load_vlm
 
     out = tmp_path / "student"
-    shipped = efficient_assets_dir() / "student"
+    shipped = asset_dir("efficientvlm/student")
     assert main(["train", "student", "--init", str(shipped), "--seed", "1", "--out", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 3
     model = load_vlm(out)
     assert model.meta["init_from"]["steps"] == load_vlm(shipped).meta["steps"]
-    teacher = str(efficient_assets_dir() / "teacher")
+    teacher = str(asset_dir("efficientvlm/teacher"))
     assert main(["train", "student", "--init", teacher, "--out", str(out), "--json"]) == 2
     assert "not half of the teacher's" in capsys.readouterr().err

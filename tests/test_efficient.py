@@ -176,7 +176,7 @@ def test_pruned_checkpoint_round_trips(tmp_path, batch):
         gates.log_alpha[0].copy_(torch.tensor([-9.0, 5.0, -9.0, 5.0]))
         gates.log_alpha[1][:5] = -9.0
     eff.finalize(model, gates)
-    loaded = load_vlm(save_vlm(model, tmp_path / "pruned", extra={"target": 0.3}))
+    loaded = load_vlm(save_vlm(model, tmp_path / "pruned", {"command": "test", "target": 0.3}))
     assert loaded.sizes() == model.sizes() and loaded.meta["target"] == 0.3
     assert torch.allclose(loaded.match_scores(batch[0], batch[1]), model.match_scores(batch[0], batch[1]), atol=1e-6)
 

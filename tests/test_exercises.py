@@ -188,7 +188,8 @@ REFERENCES = {
 # ---------------------------------------------------------------- tests
 
 def test_every_method_has_three_tasks_and_every_task_two_wrong_implementations():
-    assert [spec.name for spec in all_specs()] == ["ex_flip", "ex_cluster_masking", "ex_qformer", "ex_efficientvlm", "ex_tip_adapter"]
+    names = [spec.name for spec in all_specs()]
+    assert names == ["ex_flip", "ex_cluster_masking", "ex_qformer", "ex_efficientvlm", "ex_tip_adapter"]
     assert all(len(spec.tasks) >= 3 for spec in all_specs())
     assert set(WRONG) == {task.name for _, task in TASKS}
     assert all(len(fns) >= 2 for fns in WRONG.values())

@@ -348,7 +348,7 @@ def test_openclip_train_two_processes_under_torchrun(tmp_path):
     torchrun = str(Path(sys.executable).parent / "torchrun")
     if not Path(torchrun).exists():
         torchrun = shutil.which("torchrun")
-    cmd = [torchrun, "--nproc_per_node", "2", "-m", "labkit.openclip_train", "--masking", "cluster",
+    cmd = [torchrun, "--nproc_per_node", "2", "-m", "labkit.masking.openclip_train", "--masking", "cluster",
            "--mask-ratio", "0.5", "--", "--train-data", str(tmp_path / "data" / "train.csv"),
            "--csv-img-key", "filepath", "--csv-caption-key", "title", "--model", "labkit-ToyViT-8",
            "--batch-size", "8", "--epochs", "1", "--device", "cpu", "--workers", "0", "--report-to", "none",

@@ -8,8 +8,9 @@ import torch
 from PIL import Image
 
 from labkit.clip.eval import evaluate_clip
-from labkit.clip.model import CONFIG_NAME, WEIGHTS_NAME, ModelError, load_clip, save_local_dir
+from labkit.clip.model import ModelError, load_clip, save_local_dir
 from labkit.clip.pretrain import new_toy_clip, toy_clip_config
+from labkit.core.checkpoint import OPEN_CLIP
 from labkit.data import toyworld as tw
 
 
@@ -47,8 +48,7 @@ def test_shipped_checkpoint_meets_its_targets_on_held_out_scenes(toy):
     assert metrics["zero_shot_shape_acc"] >= 0.93
     assert metrics["zero_shot_color_acc"] >= 0.97
     assert metrics["retrieval_i2t_r1"] >= 0.85 and metrics["retrieval_t2i_r1"] >= 0.85
-    training = toy.config["labkit"]["training"]
-    assert training["command"].startswith("labkit train clip")
+    assert toy.metadata["command"].startswith("labkit train clip")
 
 
 def test_unknown_model_name_lists_accepted_forms():
@@ -78,15 +78,15 @@ def test_local_dir_round_trip_and_corrupt_or_mismatched_files(tmp_path):
 
     corrupt = tmp_path / "corrupt"
     save_local_dir(clip.model, clip.config, corrupt)
-    (corrupt / WEIGHTS_NAME).write_bytes(b"garbage")
+    (corrupt / OPEN_CLIP.weights).write_bytes(b"garbage")
     with pytest.raises(ModelError, match="corrupt weights"):
         load_clip(f"local-dir:{corrupt}")
 
     mismatched = tmp_path / "mismatched"
     save_local_dir(clip.model, clip.config, mismatched)
-    config = json.loads((mismatched / CONFIG_NAME).read_text())
+    config = json.loads((mismatched / OPEN_CLIP.config).read_text())
     config["model_cfg"]["vision_cfg"]["width"] = 64
-    (mismatched / CONFIG_NAME).write_text(json.dumps(config))
+    (mismatched / OPEN_CLIP.config).write_text(json.dumps(config))
     with pytest.raises(ModelError, match="do not match"):
         load_clip(f"local-dir:{mismatched}")
     with pytest.raises(ModelError, match="needs open_clip_config.json"):

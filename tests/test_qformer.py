@@ -1,4 +1,4 @@
-"""Q-Former (BLIP-2 §3.1), its stage-1 masks and losses (§3.2), and the shared blocks of labkit.nn."""
+"""Q-Former (BLIP-2 §3.1), its stage-1 masks and losses (§3.2), and the shared blocks of labkit.core.blocks."""
 
 import pytest
 import torch
@@ -297,7 +297,7 @@ def test_config_presets():
     assert [layer.cross_attn is not None for layer in tiny.layers] == [True, False, True, False]
 
 
-# --- labkit.nn blocks ---------------------------------------------------------------------------------
+# --- labkit.core.blocks blocks ---------------------------------------------------------------------------------
 
 def test_attention_paths_agree_and_survive_empty_rows():
     torch.manual_seed(0)

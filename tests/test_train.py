@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from labkit.core.checkpoint import ModelError
-from labkit.core.train import TrainConfig, fit, load_train_state, lr_lambda, steady_images_per_s
+from labkit.core.train import TrainConfig, fit, load_train_state, lr_lambda, shorten, steady_images_per_s
 
 
 class Tiny(nn.Module):
@@ -35,7 +35,7 @@ def mse(model, batch):
 def run(steps, out_dir=None, total=None, seed=0):
     torch.manual_seed(seed)
     model = Tiny()
-    cfg = TrainConfig(steps=total or steps, lr=1e-2, out_dir=out_dir, warmup=0.1, seed=seed)
+    cfg = TrainConfig(steps=total or steps, lr=1e-2, out_dir=out_dir, warmup=0.1, seed=seed, fast_steps=10**6)
     if total:  # stop early at `steps`, as if interrupted
         cfg.checkpoint_every = steps
         cfg.time_budget_s = None
@@ -57,6 +57,18 @@ def test_fit_learns_and_records_history():
     assert sum(losses[-5:]) / 5 < 0.3 * sum(losses[:5]) / 5
     assert all(h["images_per_s"] > 0 for h in record["history"])
     assert record["images_per_s"] == steady_images_per_s(record["history"]) > 0
+
+
+def test_fast_mode_is_decided_in_fit_from_fast_steps(monkeypatch):
+    torch.manual_seed(0)
+    cfg = TrainConfig(steps=50, lr=1e-2, fast_steps=4)
+    monkeypatch.setenv("LABKIT_FAST", "1")
+    assert fit(Tiny(), mse, make_batch, cfg, progress=False)["steps"] == 4
+    monkeypatch.setenv("LABKIT_FAST", "0")
+    assert fit(Tiny(), mse, make_batch, TrainConfig(steps=6, lr=1e-2, fast_steps=4), progress=False)["steps"] == 6
+    assert shorten(1000, 20) == 1000
+    monkeypatch.setenv("LABKIT_FAST", "1")
+    assert shorten(1000, 20) == 20 and shorten(5, 20) == 5
 
 
 def test_steady_throughput_leaves_out_the_warm_up_tenth():

@@ -15,8 +15,8 @@ from labkit.blip2.train import (
     train_stage2,
     train_text_lm,
 )
-from labkit.cli import Command
 from labkit.clip.model import load_clip
+from labkit.core.command import Command
 from labkit.core.train import shorten
 
 STAGES = ("lm", "1", "2")

@@ -3,11 +3,11 @@
 - **Frozen image features** (BLIP-2, ICML 2023, §3.1 and §4.1): the toy CLIP vision tower's
   *second-to-last* layer patch tokens. BLIP-2 drops the ViT's last layer; here it matters even
   more, because the toy CLIP pools the CLS token, so its last-layer patch tokens never received
-  a gradient in CLIP training (DESIGN.md, "BLIP-2").
+  a gradient in CLIP training (docs/design.md, "BLIP-2").
 - Every batch is made of **fresh scenes** (index-addressable ToyWorld): encoding 64 images with
   three small ViT blocks costs little next to a Q-Former step, and nothing is memorised.
 
-Training lives in :mod:`labkit.blip2_train`, evaluation and inspection in :mod:`labkit.blip2_eval`.
+Training lives in :mod:`labkit.blip2.train`, evaluation and inspection in :mod:`labkit.blip2.eval`.
 """
 
 from __future__ import annotations

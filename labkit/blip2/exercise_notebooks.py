@@ -120,7 +120,7 @@ NOTEBOOK = ExerciseNotebook(
         with a small **Q-Former**: learned queries read the image through cross-attention, and share
         self-attention with the text. Stage 1 trains it with three objectives at once (ITC, ITM, ITG; §3.2,
         Figure 2). You will write the ITC similarity, the ITG attention mask and ITM's hard-negative sampling;
-        the references are `labkit.blip2` and `labkit.qformer.attention_masks` (notebook `03_blip2_qformer.ipynb`).
+        the references are `labkit.blip2` and `labkit.blip2.qformer.attention_masks` (notebook `03_blip2_qformer.ipynb`).
         The plots use the shipped stage-1 Q-Former on the toy CLIP's frozen features.
     """,
     imports="""

@@ -1,6 +1,6 @@
 """Self-checks for the BLIP-2 Q-Former exercises (Li et al., "BLIP-2", ICML 2023, §3.2, Figure 2).
 
-References: :func:`labkit.blip2.itc_similarity`, :func:`labkit.qformer.attention_masks` (the ITG layout) and
+References: :func:`labkit.blip2.itc_similarity`, :func:`labkit.blip2.qformer.attention_masks` (the ITG layout) and
 :func:`labkit.blip2.sample_hard_negatives`.
 """
 

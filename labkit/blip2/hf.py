@@ -1,26 +1,54 @@
-"""BLIP-2's Querying Transformer (Q-Former) on labkit's own blocks (BLIP-2, Li et al., ICML 2023, §3.1).
+"""BLIP-2 next to ``transformers``: the numerical equivalence of labkit's Q-Former and stage 1 with
+``Blip2QFormerModel`` (weights mapped name by name, outputs equal to float precision), and the path to a
+real, cached BLIP-2 (``Salesforce/blip2-*``) for attention maps on real photos.
 
-The Q-Former bridges a frozen image encoder and a frozen language model. It is a BERT-base
-layout (DESIGN.md, "BLIP-2") with a twist: a fixed set of learned **queries** (32×768 in the
-paper) interact with each other and with the text through *shared* self-attention, read the
-frozen image features through cross-attention inserted every ``cross_attention_frequency``
-layers (every other layer in BLIP-2), and go through their own FFN, while text positions use
-the BERT FFN. Which positions may see which is decided by the attention mask alone, and
-:func:`attention_masks` builds the three stage-1 layouts of the paper's Figure 2.
-
-``QFormer`` reproduces ``transformers``' ``Blip2QFormerModel`` (+ its text embeddings and
-``query_tokens``) to float precision: :func:`load_hf_qformer` maps the weights, and
-``tests/test_qformer.py`` checks the outputs agree within 1e-5. The stage-1 losses live in
-:mod:`labkit.blip2`.
+:func:`load_hf_qformer` and :func:`load_hf_stage1` copy a ``transformers`` state dict into labkit's
+modules; :func:`hf_equivalence_max_abs_diff` builds random ``transformers`` Q-Formers of several shapes
+and reports the largest difference (``labkit eval qformer`` prints it).
 """
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 
-from labkit.blip2.qformer import QFormer, QFormerConfig, _hf_to_labkit_name
+from labkit.blip2.qformer import QFormer, QFormerConfig
 from labkit.blip2.stage1 import Blip2Stage1
+
+# transformers name (after "encoder.layer.{i}.") -> labkit name (after "layers.{i}.")
+_HF_LAYER_NAMES = {
+    "attention.attention.query": "self_attn.attn.query",
+    "attention.attention.key": "self_attn.attn.key",
+    "attention.attention.value": "self_attn.attn.value",
+    "attention.output.dense": "self_attn.attn.out",
+    "attention.output.LayerNorm": "self_attn.norm",
+    "intermediate.dense": "ffn_text.dense_in",
+    "output.dense": "ffn_text.dense_out",
+    "output.LayerNorm": "ffn_text.norm",
+    "intermediate_query.dense": "ffn_query.dense_in",
+    "output_query.dense": "ffn_query.dense_out",
+    "output_query.LayerNorm": "ffn_query.norm",
+}
+
+_HF_LAYER_NAMES |= {k.replace("attention.", "crossattention.", 1): v.replace("self_", "cross_")
+                    for k, v in _HF_LAYER_NAMES.items() if k.startswith("attention.")}
+
+
+_HF_TOP_NAMES = {"layernorm": "embed_norm", "embeddings.word_embeddings": "word_embeddings",
+                 "embeddings.position_embeddings": "position_embeddings"}
+
+
+_HF_LAYER_RE = re.compile(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias)")
+
+
+def _hf_to_labkit_name(name: str) -> str | None:
+    match = _HF_LAYER_RE.fullmatch(name)
+    if match and match[2] in _HF_LAYER_NAMES:
+        return f"layers.{match[1]}.{_HF_LAYER_NAMES[match[2]]}.{match[3]}"
+    stem, _, leaf = name.rpartition(".")
+    return f"{_HF_TOP_NAMES[stem]}.{leaf}" if stem in _HF_TOP_NAMES and leaf in ("weight", "bias") else None
 
 
 @torch.no_grad()
@@ -67,7 +95,7 @@ def load_hf_qformer(qformer: QFormer, hf_model_state_dict: dict, query_tokens: t
 def load_hf_stage1(model: Blip2Stage1, hf_state_dict: dict) -> list[str]:
     """Load a ``transformers`` ``Blip2ForImageTextRetrieval`` state dict (e.g. ``Salesforce/blip2-itm-vit-g``).
 
-    The Q-Former goes through :func:`labkit.qformer.load_hf_qformer`; ``vision_projection``,
+    The Q-Former goes through :func:`labkit.blip2.hf.load_hf_qformer`; ``vision_projection``,
     ``text_projection`` and ``itm_head`` map to ``vision_proj``, ``text_proj`` and ``itm_head``.
     The LM head and temperature stay as they are (that checkpoint has none). Returns the labkit
     Q-Former parameter names left untouched.
@@ -103,7 +131,7 @@ def _hf_equivalence_case(hidden, layers, heads, freq, width, n_query, seed) -> f
     from transformers import Blip2QFormerConfig, Blip2QFormerModel
     from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
-    from labkit.blip2.qformer import QFormer, load_hf_qformer
+
 
     cfg = Blip2QFormerConfig(vocab_size=40, max_position_embeddings=16, hidden_size=hidden, num_hidden_layers=layers,
                              num_attention_heads=heads, intermediate_size=2 * hidden, encoder_hidden_size=width,

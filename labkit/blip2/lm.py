@@ -1,18 +1,13 @@
-"""BLIP-2 stage 2: bootstrapping a frozen language model from the Q-Former (BLIP-2, ICML 2023, §3.3, Figure 3).
-
-The Q-Former's query outputs ``[B, Q, D]`` go through one ``Linear(D -> LM hidden)`` and are
-prepended to the frozen LM's input embeddings as *soft visual prompts*. Only the Q-Former's
-query path and that projection train; the image encoder and the LM stay frozen, and no loss is
-ever taken on a prompt position.
+"""The frozen language models of BLIP-2 stage 2 (BLIP-2, ICML 2023, §3.3), tiny and ``transformers``-built.
 
 - **Decoder-only** (OPT): ``[prompts; prefix; suffix]`` in one causal sequence, loss on the suffix
   (the caption, or the answer after a question prefix).
 - **Encoder-decoder** (FlanT5 in the paper, a tiny T5 here): ``[prompts; prefix]`` in the encoder,
   the suffix in the decoder.
 
-The LMs are ``transformers`` models built from tiny configs (never downloaded); the lab's
-"pretrained LLM" is a tiny LM first trained on ToyWorld text alone (:mod:`labkit.blip2_train`), so
-it can already answer a question from a caption before it ever sees an image.
+:func:`new_lm` builds either from a tiny config (never downloaded); :func:`lm_loss` and
+:func:`lm_generate` take optional soft prompts, so the same LM trains on text alone (the lab's
+"pretrained LLM", :func:`labkit.blip2.train.train_text_lm`) and then serves stage 2 frozen.
 """
 
 from __future__ import annotations

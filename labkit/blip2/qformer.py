@@ -1,7 +1,7 @@
 """BLIP-2's Querying Transformer (Q-Former) on labkit's own blocks (BLIP-2, Li et al., ICML 2023, §3.1).
 
 The Q-Former bridges a frozen image encoder and a frozen language model. It is a BERT-base
-layout (DESIGN.md, "BLIP-2") with a twist: a fixed set of learned **queries** (32×768 in the
+layout (docs/design.md, "BLIP-2") with a twist: a fixed set of learned **queries** (32×768 in the
 paper) interact with each other and with the text through *shared* self-attention, read the
 frozen image features through cross-attention inserted every ``cross_attention_frequency``
 layers (every other layer in BLIP-2), and go through their own FFN, while text positions use
@@ -16,7 +16,6 @@ the BERT FFN. Which positions may see which is decided by the attention mask alo
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -241,36 +240,3 @@ def _init_bert_weights(module: nn.Module) -> None:
     if isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
-
-# transformers name (after "encoder.layer.{i}.") -> labkit name (after "layers.{i}.")
-_HF_LAYER_NAMES = {
-    "attention.attention.query": "self_attn.attn.query",
-    "attention.attention.key": "self_attn.attn.key",
-    "attention.attention.value": "self_attn.attn.value",
-    "attention.output.dense": "self_attn.attn.out",
-    "attention.output.LayerNorm": "self_attn.norm",
-    "intermediate.dense": "ffn_text.dense_in",
-    "output.dense": "ffn_text.dense_out",
-    "output.LayerNorm": "ffn_text.norm",
-    "intermediate_query.dense": "ffn_query.dense_in",
-    "output_query.dense": "ffn_query.dense_out",
-    "output_query.LayerNorm": "ffn_query.norm",
-}
-
-_HF_LAYER_NAMES |= {k.replace("attention.", "crossattention.", 1): v.replace("self_", "cross_")
-                    for k, v in _HF_LAYER_NAMES.items() if k.startswith("attention.")}
-
-
-_HF_TOP_NAMES = {"layernorm": "embed_norm", "embeddings.word_embeddings": "word_embeddings",
-                 "embeddings.position_embeddings": "position_embeddings"}
-
-
-_HF_LAYER_RE = re.compile(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias)")
-
-
-def _hf_to_labkit_name(name: str) -> str | None:
-    match = _HF_LAYER_RE.fullmatch(name)
-    if match and match[2] in _HF_LAYER_NAMES:
-        return f"layers.{match[1]}.{_HF_LAYER_NAMES[match[2]]}.{match[3]}"
-    stem, _, leaf = name.rpartition(".")
-    return f"{_HF_TOP_NAMES[stem]}.{leaf}" if stem in _HF_TOP_NAMES and leaf in ("weight", "bias") else None

@@ -1,7 +1,7 @@
 """BLIP-2 stage 1: vision-language representation learning from a frozen image encoder (BLIP-2, ICML 2023, §3.2).
 
 Three objectives share one Q-Former and differ only in the self-attention mask
-(:func:`labkit.qformer.attention_masks`), summed as in the paper and LAVIS:
+(:func:`labkit.blip2.qformer.attention_masks`), summed as in the paper and LAVIS:
 
 - **ITC** (image-text contrastive): each of the Q query outputs is compared with the text
   [CLS] output; the image-text similarity is the *maximum* over queries; a learnable

@@ -11,7 +11,7 @@ ever taken on a prompt position.
   the suffix in the decoder.
 
 The LMs are ``transformers`` models built from tiny configs (never downloaded); the lab's
-"pretrained LLM" is a tiny LM first trained on ToyWorld text alone (:mod:`labkit.blip2_train`), so
+"pretrained LLM" is a tiny LM first trained on ToyWorld text alone (:mod:`labkit.blip2.train`), so
 it can already answer a question from a caption before it ever sees an image.
 """
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import time
 
-from labkit.cli import Command
 from labkit.clip.eval import evaluate_clip
 from labkit.clip.model import load_clip, save_local_dir
 from labkit.core.assets import asset_dir
 from labkit.core.checkpoint import invocation
+from labkit.core.command import Command
 
 
 def train_clip(steps: int = 2800, batch_size: int = 128, lr: float = 1e-3, seed: int = 0, eval_every: int = 400,

@@ -8,8 +8,8 @@ Accepted names
 
 The toy CLIP is an open_clip ``CLIP`` built from ``model_cfg`` with two declared extras in the
 config's ``labkit`` section: a convolutional stem in place of the patchify conv (the measured fix
-that lets a tiny ViT learn shape, DESIGN.md) and a word-level tokenizer (see
-:mod:`labkit.tokenizer`). Stock configs without that section load with plain open_clip too.
+that lets a tiny ViT learn shape, docs/design.md) and a word-level tokenizer (see
+:mod:`labkit.data.tokenizer`). Stock configs without that section load with plain open_clip too.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from labkit.core.assets import asset_dir
-from labkit.core.checkpoint import OPEN_CLIP, ModelError, load_checkpoint, read_metadata, save_checkpoint
+from labkit.core.checkpoint import OPEN_CLIP, ModelError, invocation, load_checkpoint, read_metadata, save_checkpoint
 from labkit.core.device import autocast, get_device
 from labkit.data.tokenizer import WordTokenizer
 
@@ -127,8 +127,10 @@ class ClipModel:
         return F.normalize(out, dim=-1) if normalize else out
 
 
-def save_local_dir(model: nn.Module, config: dict, path: str | os.PathLike, metadata: dict) -> Path:
-    """Write a CLIP as a checkpoint in open_clip's local-dir layout (:data:`labkit.core.checkpoint.OPEN_CLIP`)."""
+def save_local_dir(model: nn.Module, config: dict, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write a CLIP as a checkpoint in open_clip's local-dir layout (:data:`labkit.core.checkpoint.OPEN_CLIP`);
+    ``metadata`` defaults to a record of this call."""
+    metadata = metadata or {"command": invocation("labkit.clip.model.save_local_dir", path=str(path))}
     return save_checkpoint(path, model.state_dict(), config, metadata, layout=OPEN_CLIP)
 
 

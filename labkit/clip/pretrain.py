@@ -1,10 +1,10 @@
-"""The toy CLIP: its config, contrastive pretraining on ToyWorld, and its evaluation.
+"""The toy CLIP's config and its contrastive pretraining on ToyWorld.
 
-Pretraining follows what was measured to work on a 2-core CPU (DESIGN.md): a conv-stem ViT,
+Pretraining follows what was measured to work on a 2-core CPU (docs/design.md): a conv-stem ViT,
 half of each batch in hard-negative groups (scenes that differ only in their shapes),
 attribute words dropped from captions with p=0.2, AdamW lr 1e-3, wd 0.1, betas (0.9, 0.98),
 4% warm-up then cosine. The loss is open_clip's ``ClipLoss`` (symmetric InfoNCE, gathered
-across DDP ranks).
+across DDP ranks). ``vision_hook`` lets a method change the vision tower first (masking does).
 """
 
 from __future__ import annotations

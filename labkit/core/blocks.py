@@ -1,6 +1,6 @@
 """Small BERT-style (post-LayerNorm) transformer blocks shared by the Q-Former and EfficientVLM.
 
-Why labkit has its own blocks (DESIGN.md, Principles 4): the parts being taught need three
+Why labkit has its own blocks (docs/design.md, Principles 4): the parts being taught need three
 things a stock ``transformers`` layer no longer offers. transformers 5 dropped ``head_mask``
 and ``prune_heads``, yet EfficientVLM multiplies every head's context by a hard-concrete L0
 gate and then *physically* removes the pruned heads and FFN units; and the notebooks draw

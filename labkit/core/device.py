@@ -39,7 +39,7 @@ def synchronize(device: torch.device | str) -> None:
 
 
 def autocast(device: torch.device | str):
-    """bf16 autocast on CUDA; a no-op elsewhere (bf16 gave no CPU speed-up here, DESIGN.md)."""
+    """bf16 autocast on CUDA; a no-op elsewhere (bf16 gave no CPU speed-up here, docs/design.md)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)

@@ -1,4 +1,20 @@
-"""Device, seeding and mixed precision: the one place that knows about CUDA, MPS and CPU."""
+"""The one training loop every method reuses.
+
+``fit(model, loss_fn, make_batch, cfg)`` runs AdamW with linear warm-up then cosine decay, shows
+a tqdm bar with loss and images/s, evaluates every ``eval_every`` steps, checkpoints to
+safetensors and resumes from them, uses bf16 autocast on CUDA, and runs unchanged under
+``torchrun --nproc_per_node N`` (DDP; gloo on CPU, nccl on CUDA).
+
+Data is index-addressable: ``make_batch(step, rank, world_size)`` returns ``(batch, n_images)``
+for one global step, so resuming at step ``s`` reproduces the very batches an uninterrupted
+run would have seen, and each rank draws its own slice without a sampler.
+``loss_fn(model, batch)`` must call ``model(...)`` (the DDP wrapper's forward) and return a
+scalar loss, or ``(loss, metrics_dict)``.
+
+Fast mode lives here too: :func:`fast_mode` reads ``LABKIT_FAST`` and :func:`shorten` is the one way the
+lab shrinks a loop, an evaluation or a benchmark for tests and CI; ``fit`` caps ``steps`` at
+``TrainConfig.fast_steps`` by itself.
+"""
 
 from __future__ import annotations
 

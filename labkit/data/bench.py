@@ -1,4 +1,6 @@
-"""Benchmarks: timings inside one process, warm-up first, medians of repeats."""
+"""``labkit bench toyworld``: how fast ToyWorld renders scenes, timed inside one process, warm-up first,
+median of repeats.
+"""
 
 from __future__ import annotations
 

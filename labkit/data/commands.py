@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from labkit.cli import Command
+from labkit.core.command import Command
 from labkit.data.bench import bench_toyworld
 
 COMMANDS = [

@@ -281,7 +281,7 @@ class ToyWorld(torch.utils.data.Dataset):
         """``n`` scenes identical in everything (colours, sizes, positions, background) but ``vary``.
 
         ``vary="shape"``: in random batches captions can be told apart by colour, position and size
-        alone; such groups make the contrastive loss need the shape words (DESIGN.md, measured facts).
+        alone; such groups make the contrastive loss need the shape words (docs/design.md, measured facts).
         ``vary="color"``: the same for colour words (colours drawn afresh per object, so the set of
         colours usually changes too: these groups need the colour words, not yet their binding).
         """

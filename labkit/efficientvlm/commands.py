@@ -7,10 +7,10 @@ import math
 import time
 from pathlib import Path
 
-from labkit.cli import Command
 from labkit.clip.model import load_clip
 from labkit.core.assets import asset_dir
 from labkit.core.checkpoint import invocation
+from labkit.core.command import Command
 from labkit.core.train import shorten
 from labkit.efficientvlm.distill import train_student
 from labkit.efficientvlm.eval import eval_efficient, eval_scenes, evaluate_vlm

@@ -1,22 +1,12 @@
-"""EfficientVLM's two compression steps (Wang et al., ACL Findings 2023): distil, then prune.
+"""EfficientVLM's first step (Wang et al., ACL Findings 2023, §3.1): distil the teacher into a student with
+half the layers of each encoder.
 
-1. **Distillation** (§3.1) into a student with half the layers of each encoder. Teacher and
-   student layers are matched by :func:`layer_map`; the losses are MSE on hidden states, MSE on
-   attention scores (masked positions zeroed) and KL on logits at a temperature
-   (:func:`distillation_losses`).
-2. **Modal-adaptive pruning** (§3.2) with hard-concrete L0 gates (Louizos et al., ICLR 2018) on
-   every attention head (self- and cross-attention) and every FFN unit of every layer of every
-   modality (:class:`Gates`). The expected sparsity is computed from parameter counts; a
-   Lagrangian with multipliers trained by gradient *ascent* drives it to one global target, and
-   the split between vision, text and fusion is learned. :func:`finalize` turns the gates into a
-   deterministic mask and physically removes the pruned heads and units.
-
-The gate maths (eq. numbers from Louizos et al. §4):
-    s = sigmoid((log u - log(1 - u) + log alpha) / beta),  u ~ U(0, 1)
-    z = clamp(s * (zeta - gamma) + gamma, 0, 1)                        (stretched, hard-clipped)
-    P(z != 0) = sigmoid(log alpha - beta * log(-gamma / zeta))          (expected L0, eq. 12)
-    test time: z = clamp(sigmoid(log alpha) * (zeta - gamma) + gamma, 0, 1)      (eq. 13)
-with beta = 2/3, gamma = -0.1, zeta = 1.1 as in the paper and EfficientVLM's code.
+Teacher and student layers are matched by :func:`layer_map` (attention of student layer ``i`` from
+teacher layer ``i·k + k - 1``, hidden state ``i`` from ``i·k``, embedding output included); the losses are
+MSE on hidden states, MSE on attention scores (masked positions zeroed) and KL on ITM and MLM logits at
+a temperature (:func:`representation_losses`, :func:`soft_cross_entropy`), weighted
+``0.6 * task + 0.4 * KD`` as in the official ``GeneralDistill.py`` (:func:`distillation_loss`).
+:func:`make_student` builds and initialises the student from teacher layers; :func:`train_student` runs it.
 """
 
 from __future__ import annotations

@@ -126,7 +126,7 @@ NOTEBOOK = ExerciseNotebook(
         steps: distil it into a student with half the layers (§3.1), then prune heads and FFN units with learned
         hard-concrete L0 gates under one global sparsity target (§3.2). The paper keeps 44.3% of the teacher's
         parameters, 98.4% of its performance and runs 2.2× faster. You will write the gate sample, its expected
-        L0 norm and the teacher-to-student layer map; the reference is `labkit.efficient`.
+        L0 norm and the teacher-to-student layer map; the reference is `labkit.efficientvlm.prune`.
     """,
     imports="""
         import math
@@ -145,7 +145,7 @@ NOTEBOOK = ExerciseNotebook(
         ## At the end of pruning
 
         Training samples gates; at test time each gate becomes deterministic,
-        `clamp(sigmoid(log_alpha) · (zeta − gamma) + gamma, 0, 1)` (`labkit.efficient.deterministic_gate`,
+        `clamp(sigmoid(log_alpha) · (zeta − gamma) + gamma, 0, 1)` (`labkit.efficientvlm.prune.deterministic_gate`,
         Louizos et al. eq. 13): gates that are exactly 0 are removed for good, and the model becomes physically
         smaller and faster.
     """,

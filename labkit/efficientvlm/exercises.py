@@ -1,7 +1,7 @@
 """Self-checks for the EfficientVLM exercises (Wang et al., ACL Findings 2023, §3.1 distillation, §3.2 pruning with
 hard-concrete L0 gates from Louizos et al., ICLR 2018, §4).
 
-References: :func:`labkit.efficient.hard_concrete_sample`, :func:`labkit.efficient.expected_l0` and
+References: :func:`labkit.efficientvlm.prune.hard_concrete_sample`, :func:`labkit.efficientvlm.prune.expected_l0` and
 :func:`labkit.distill.layer_map`.
 """
 

@@ -10,9 +10,9 @@ X-VLM initialises its vision and text towers from pretrained CLIP and BERT weigh
 first ``text_layers`` of its text layers, as ALBEF keeps the first BERT layers as text encoder),
 so the blocks are CLIP's pre-LN blocks, and the fusion layers (new, random) use the same layout.
 
-Every block is a :mod:`labkit.nn` block, so each attention head and FFN unit can take a gate
+Every block is a :mod:`labkit.core.blocks` block, so each attention head and FFN unit can take a gate
 (``gates["vision.0.attn"]``, ``gates["fusion.1.cross"]``, ``gates["text.0.ffn"]`` ...) and be
-physically removed: that is what EfficientVLM's pruning (:mod:`labkit.efficient`) needs.
+physically removed: that is what EfficientVLM's pruning (:mod:`labkit.efficientvlm.prune`) needs.
 """
 
 from __future__ import annotations

@@ -1,15 +1,12 @@
-"""EfficientVLM's two compression steps (Wang et al., ACL Findings 2023): distil, then prune.
+"""EfficientVLM's second step (Wang et al., ACL Findings 2023, §3.2): modal-adaptive pruning with
+hard-concrete L0 gates (Louizos et al., ICLR 2018).
 
-1. **Distillation** (§3.1) into a student with half the layers of each encoder. Teacher and
-   student layers are matched by :func:`layer_map`; the losses are MSE on hidden states, MSE on
-   attention scores (masked positions zeroed) and KL on logits at a temperature
-   (:func:`distillation_losses`).
-2. **Modal-adaptive pruning** (§3.2) with hard-concrete L0 gates (Louizos et al., ICLR 2018) on
-   every attention head (self- and cross-attention) and every FFN unit of every layer of every
-   modality (:class:`Gates`). The expected sparsity is computed from parameter counts; a
-   Lagrangian with multipliers trained by gradient *ascent* drives it to one global target, and
-   the split between vision, text and fusion is learned. :func:`finalize` turns the gates into a
-   deterministic mask and physically removes the pruned heads and units.
+A gate sits on every attention head (self- and cross-attention) and every FFN unit of every layer of
+every modality (:class:`Gates`). The expected sparsity is computed from parameter counts; a Lagrangian
+(:class:`Lagrangian`) with multipliers trained by gradient *ascent* drives it to one global target, and
+the split between vision, text and fusion is learned (:func:`prune_student`). :func:`finalize` turns the
+gates into a deterministic mask and physically removes the pruned heads and units; :func:`recover_pruned`
+distils the smaller model from the teacher for a few more steps.
 
 The gate maths (eq. numbers from Louizos et al. §4):
     s = sigmoid((log u - log(1 - u) + log alpha) / beta),  u ~ U(0, 1)
@@ -66,8 +63,8 @@ def site_unit_params(site: nn.Module) -> int:
 class Gates(nn.Module):
     """One hard-concrete gate per attention head and FFN unit at every site of a model.
 
-    ``model.sites()`` maps names like ``"vision.0.attn"`` to :class:`labkit.nn.MultiHeadAttention`
-    or :class:`labkit.nn.FeedForwardBlock`; the modality is the first part of the name. Calling the
+    ``model.sites()`` maps names like ``"vision.0.attn"`` to :class:`labkit.core.blocks.MultiHeadAttention`
+    or :class:`labkit.core.blocks.FeedForwardBlock`; the modality is the first part of the name. Calling the
     module returns ``{site: gate}``: samples in training, the deterministic test-time gate in eval.
     """
 
@@ -158,7 +155,7 @@ def finalize(model: nn.Module, gates: Gates) -> dict[str, int]:
 
 
 class PruningModel(nn.Module):
-    """The student, its gates and the Lagrange multipliers, trained together by :func:`labkit.train.fit`."""
+    """The student, its gates and the Lagrange multipliers, trained together by :func:`labkit.core.train.fit`."""
 
     def __init__(self, student: ToyVLM, init_keep: float = 0.8):
         super().__init__()

@@ -1,14 +1,11 @@
-"""Training the ToyWorld VLM three ways: teacher pretraining, distillation into a student, L0 pruning.
+"""Pretraining the ToyWorld VLM (the EfficientVLM teacher) and the objectives every stage reuses.
 
 Pretraining objectives (ALBEF §3, X-VLM §3): ITC on the [CLS]/[EOT] embeddings; ITM on the
 fusion [CLS] with one hard negative text per image and one hard negative image per text, sampled
 from the ITC similarities with the positive excluded; MLM on the fusion output with 25% of the
 caption words masked (80% [MASK], 10% a random word, 10% unchanged). Batches are the toy CLIP's
-(half random scenes, half groups that differ only in their shapes).
-
-EfficientVLM (:mod:`labkit.efficient`): the student learns from ``0.6 * task + 0.4 * KD``, KD
-being hidden-state and attention-score MSE under the layer map plus ITM and MLM logits KL; the
-pruning stage adds the Lagrangian on the gates' expected sparsity.
+(half random scenes, half groups that differ only in their shapes). Distillation
+(:mod:`labkit.efficientvlm.distill`) and pruning (:mod:`labkit.efficientvlm.prune`) add their losses to these.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Each module exposes ``check_<task>(student_fn)``: it runs the student's function on several cases,
 compares it with labkit's reference implementation, prints ``✅ pass``, ``❌ ... — hint: ...`` or
-``⏳ not attempted`` and returns a :class:`~labkit.exercises.core.CheckResult` (truthy on a pass).
+``⏳ not attempted`` and returns a :class:`~labkit.exercises.checks.CheckResult` (truthy on a pass).
 The notebooks and their solutions are generated from ``labkit/exercises/specs`` by
 ``python -m labkit.exercises.build``.
 """

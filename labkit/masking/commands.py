@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from labkit.cli import Command
 from labkit.clip.commands import train_clip
+from labkit.core.command import Command
 from labkit.masking.bench import bench_masking
 from labkit.masking.masks import STRATEGIES, masking_hook
 from labkit.masking.openclip_train import make_dataset

@@ -1,4 +1,6 @@
-"""Exercise spec: FLIP's random patch masking (Li et al., CVPR 2023, §3)."""
+"""Exercise specs: FLIP's random patch masking (Li et al., CVPR 2023, §3) and Cluster Masking (Wei, Pan &
+Owens, CVPR 2024, §3.1); ``NOTEBOOKS`` is what ``python -m labkit.exercises.build`` writes.
+"""
 
 from __future__ import annotations
 

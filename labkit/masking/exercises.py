@@ -1,8 +1,13 @@
-"""Self-checks for the FLIP exercises (Li et al., "Scaling Language-Image Pre-training via Masking", CVPR 2023, §3).
+"""Self-checks for the FLIP exercises (Li et al., "Scaling Language-Image Pre-training via Masking", CVPR 2023,
+§3) and the Cluster Masking exercises (Wei, Pan & Owens, "Efficient Vision-Language Pre-training by Cluster
+Masking", CVPR 2024, §3.1).
 
-References: :func:`labkit.masking.num_keep`, :func:`labkit.masking.random_keep_indices`,
-:func:`labkit.masking.keep_to_mask`, :class:`labkit.masking.PatchMasking` (open_clip's hook),
-:func:`labkit.masking.kept_token_fraction` and :func:`labkit.masking_bench.amdahl_ideal`.
+References: :func:`labkit.masking.masks.num_keep`, :func:`labkit.masking.masks.random_keep_indices`,
+:func:`labkit.masking.masks.keep_to_mask`, :class:`labkit.masking.masks.PatchMasking` (open_clip's hook),
+:func:`labkit.masking.masks.kept_token_fraction`, :func:`labkit.masking.bench.amdahl_ideal`,
+:func:`labkit.masking.masks.similarity_matrix`, :func:`labkit.masking.masks.normalized_patches` and the
+diagnostics of :func:`labkit.masking.masks.cluster_keep_indices` (anchors, scores, cluster members, the
+exact-ratio mask).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ Single process::
 
 Distributed (gloo on CPU, nccl on GPU)::
 
-    torchrun --nproc_per_node 2 -m labkit.openclip_train --masking random --mask-ratio 0.5 -- <same args>
+    torchrun --nproc_per_node 2 -m labkit.masking.openclip_train --masking random --mask-ratio 0.5 -- <same args>
 """
 
 from __future__ import annotations

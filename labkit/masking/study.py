@@ -1,18 +1,9 @@
-"""``labkit bench masking`` and ``labkit eval masking``: what masking buys in speed and costs in accuracy.
+"""``labkit eval masking``: what masking costs in accuracy for the same wall-clock budget.
 
-* :func:`bench_masking` times one training step of the vision tower (forward, backward, fused
-  AdamW step) at mask ratios 0, 0.5 and 0.75 for FLIP's random masking (CVPR 2023) and Cluster Masking
-  (CVPR 2024), in one process, warm-up first, configurations interleaved round-robin so machine
-  noise hits them alike, medians of repeats. Besides the naive ideal ``1 / (1 - r)`` it reports
-  Amdahl's ideal ``1 / (f + (1 - f)(1 - r))`` with ``f`` the measured share of the unmasked step
-  spent before the mask (patch embedding or conv stem: it never shrinks), and, for reference,
-  the same ideal when the optimizer step (which does not shrink either) is counted in ``f``, and the
-  ideal for the tokens that really remain: ``1 - r`` replaced by ``(K + 1) / (N + 1)``, since the CLS
-  token is never dropped and ``K = int(N (1 - r))`` rounds down (ViT-B-32 at 0.75: 13 of 50 tokens, 0.26).
-  ``speedup_quartiles`` shows the machine's noise: the middle half of the per-round speedups.
-* :func:`eval_masking` trains the toy CLIP with none / random / cluster masking for the same
-  wall-clock budget and reports zero-shot accuracy (shape, colour; shape split by object size),
-  retrieval R@1, images seen, and an accuracy-versus-training-time curve.
+:func:`eval_masking` trains the toy CLIP with none / random / cluster masking for the same
+wall-clock budget and reports zero-shot accuracy (shape, colour; shape split by object size),
+retrieval R@1, images seen, and an accuracy-versus-training-time curve. :func:`object_drop_rates`
+measures why small objects suffer: how often a mask removes every patch of an object.
 """
 
 from __future__ import annotations
@@ -119,7 +110,7 @@ def object_drop_rates(strategy: str, ratio: float, n: int = 500, seed: int = 0, 
     """Per object size: mean patches covered, and how often masking drops *every* patch of an object.
 
     Measured on ``n`` test scenes (64 px, 8 px patches). This is what makes small objects hard to
-    learn under high masking ratios (DESIGN.md: a 12-16 px object covers about four patches).
+    learn under high masking ratios (docs/design.md: a 12-16 px object covers about four patches).
     """
     world = tw.ToyWorld("test", seed, n)
     scenes = [world.scene(i) for i in range(n)]

@@ -18,7 +18,7 @@ cosine schedule, the text classifier and values frozen.
 
 Everything after the image encoder works on cached features, so it is vectorised and cheap. The
 evaluation behind ``labkit eval tip`` (the few-shot tasks, every method at every shot count) is
-:mod:`labkit.tip_eval`.
+:mod:`labkit.tipadapter.eval`.
 """
 
 from __future__ import annotations
@@ -289,7 +289,7 @@ def finetune_keys(cache: TipCache, train_feats: torch.Tensor, train_labels: torc
     augmented views (the official code re-augments each epoch; we sample from the 10 cached views).
     After every epoch the keys are scored on the validation set and the best ones (the initial cache
     included) are returned, as in the official code, but selected on validation, not test.
-    A plain loop rather than :func:`labkit.train.fit`: a few hundred cached features, the paper's
+    A plain loop rather than :func:`labkit.core.train.fit`: a few hundred cached features, the paper's
     optimiser settings and per-epoch model selection, no image stream, no DDP, no checkpoints.
     """
     if alpha <= 0:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from labkit.cli import Command
 from labkit.clip.model import load_clip
+from labkit.core.command import Command
 from labkit.core.train import shorten
 from labkit.tipadapter.eval import EVAL_TASKS, evaluate_tip
 
