@@ -1,4 +1,4 @@
-"""Launched by test_train.py under torchrun: a few DDP steps of the toy CLIP, then each rank saves its weights."""
+"""Launched by test_core_train.py under torchrun: a few DDP steps of the toy CLIP, then each rank saves its weights."""
 
 import sys
 

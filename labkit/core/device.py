@@ -44,3 +44,9 @@ def autocast(device: torch.device | str):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def full_precision(device: torch.device | str):
+    """Autocast switched off on ``device``: for computations whose result must not depend on the precision
+    (cluster masking's patch similarities decide which patches are kept)."""
+    return torch.autocast(torch.device(device).type, enabled=False)

@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from labkit.core.checkpoint import ModelError, write_atomically
-from labkit.core.device import autocast, get_device, seed_everything
+from labkit.core.device import autocast, get_device, seed_everything, synchronize
 
 
 def fast_mode() -> bool:
@@ -187,6 +187,7 @@ def fit(model: nn.Module, loss_fn: Callable, make_batch: Callable[[int, int, int
     last = start
     for step in bar:
         model.train()
+        synchronize(device)  # every timer read waits for the device's queued work (CUDA runs asynchronously)
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * (schedule(step) if group.get("scheduled", True) else 1.0)
@@ -199,6 +200,7 @@ def fit(model: nn.Module, loss_fn: Callable, make_batch: Callable[[int, int, int
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
+        synchronize(device)
         dt = time.perf_counter() - t0
         train_seconds += dt
         images_seen += n_images * world

@@ -124,24 +124,30 @@ def show_modality_split(history: list[dict]):
     return fig
 
 
-def show_speed_accuracy(result: dict):
-    """Speedup over the teacher against retention, for the student, the shipped pruned model and the sweep."""
+def show_speed_accuracy(points: dict[str, tuple[float, float, float]], sweep: list[dict] | None = None):
+    """Speedup over the teacher against retention (metric / teacher's) on ITM and retrieval.
+
+    ``points``: ``{name: (speedup, itm_retention, retrieval_retention)}`` (e.g. the student and pruned
+    models); ``sweep``: optional rows of ``labkit eval efficient``'s ``sweep`` (``target``, ``speedup``,
+    ``retention_itm``, ``retention_retrieval``), drawn as a line per metric.
+    """
     fig, ax = plt.subplots(figsize=(6, 4))
-    sweep = sorted(result["sweep"], key=lambda r: r["target"])
     for key, marker in (("retention_itm", "o"), ("retention_retrieval", "s")):
-        ax.plot([r["speedup"] for r in sweep], [r[key] for r in sweep], marker=marker, label=f"sweep: {key[10:]}")
-        for r in sweep:
-            ax.annotate(f"t={r['target']}", (r["speedup"], r[key]), fontsize=7, textcoords="offset points", xytext=(4, 4))
-    ax.scatter([result["student_speedup"]] * 2, [result["student_retention_itm"], result["student_retention_retrieval"]],
-               marker="^", color="k", label="student (distilled only)", zorder=3)
-    ax.scatter([result["speedup"]] * 2, [result["retention_itm"], result["retention_retrieval"]], marker="*", s=120,
-               color="tab:red", label="shipped pruned model", zorder=3)
+        rows = sorted(sweep or [], key=lambda r: r["target"])
+        if rows:
+            ax.plot([r["speedup"] for r in rows], [r[key] for r in rows], marker=marker, label=f"sweep: {key[10:]}")
+            for r in rows:
+                ax.annotate(f"t={r['target']}", (r["speedup"], r[key]), fontsize=7, textcoords="offset points",
+                            xytext=(4, 4))
+    for name, (speedup, itm, retrieval) in points.items():
+        ax.scatter(speedup, itm, marker="o", label=f"{name} (ITM)", zorder=3)
+        ax.scatter(speedup, retrieval, marker="s", label=f"{name} (retrieval)", zorder=3)
+    ax.scatter([1.0], [1.0], marker="D", color="0.3", label="teacher")
     ax.axhline(0.95, color="0.5", ls=":", lw=1)
     ax.axvline(2.0, color="0.5", ls=":", lw=1)
-    ax.scatter([1.0], [1.0], marker="D", color="0.3", label="teacher")
     ax.set_xlabel("inference speedup over the teacher")
     ax.set_ylabel("retention (metric / teacher's)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     ax.set_title("EfficientVLM on ToyWorld: speed vs accuracy")
     fig.tight_layout()
     return fig

@@ -1,10 +1,8 @@
-"""Classroom exercises with self-checks, one module per method (notebooks in ``notebooks/exercises``).
-
-Each module exposes ``check_<task>(student_fn)``: it runs the student's function on several cases,
-compares it with labkit's reference implementation, prints ``✅ pass``, ``❌ ... — hint: ...`` or
-``⏳ not attempted`` and returns a :class:`~labkit.exercises.checks.CheckResult` (truthy on a pass).
-The notebooks and their solutions are generated from ``labkit/exercises/specs`` by
-``python -m labkit.exercises.build``.
+"""The classroom exercise engine, which knows no method: ``checks`` (run a student's function on several
+cases against labkit's reference; print ``✅ pass``, ``❌ ... — hint: ...`` or ``⏳ not attempted``; return a
+:class:`~labkit.exercises.checks.CheckResult`, truthy on a pass) and ``build`` (write the student notebooks
+and their solutions into ``notebooks/exercises`` from each method's ``exercise_notebooks.py``, with
+``python -m labkit.exercises.build``). Each method's checks live in its own ``exercises.py``.
 """
 
 from labkit.exercises.checks import CheckResult, Status

@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from labkit.core.device import full_precision
+
 STRATEGIES = ("none", "random", "cluster")
 FILLS = ("similarity", "random")
 DEFAULT_ANCHOR_RATIO = 0.03  # the paper / official code
@@ -127,12 +129,13 @@ def normalized_patches(images: torch.Tensor, patch_size: int, eps: float = 1e-6)
 def similarity_matrix(images: torch.Tensor, patch_size: int, embeddings: torch.Tensor | None = None,
                       embed_weight: float = 0.0) -> torch.Tensor:
     """Patch-to-patch cosine similarity ``[B, N, N]`` (for plots; masking only needs anchor rows)."""
-    p = normalized_patches(images, patch_size)
-    sim = p @ p.transpose(1, 2)
-    if embeddings is not None and embed_weight > 0:
-        e = F.normalize(embeddings.float(), dim=-1)
-        sim = (1 - embed_weight) * sim + embed_weight * (e @ e.transpose(1, 2))
-    return sim
+    with full_precision(images.device):  # bf16 similarities flip members and the trimming order
+        p = normalized_patches(images, patch_size)
+        sim = p @ p.transpose(1, 2)
+        if embeddings is not None and embed_weight > 0:
+            e = F.normalize(embeddings.float(), dim=-1)
+            sim = (1 - embed_weight) * sim + embed_weight * (e @ e.transpose(1, 2))
+        return sim
 
 
 def cluster_keep_indices(images: torch.Tensor, patch_size: int, ratio: float,
@@ -152,49 +155,50 @@ def cluster_keep_indices(images: torch.Tensor, patch_size: int, ratio: float,
     raised to the lowest masked member's score where a cluster was trimmed; with
     ``fill="similarity"`` the lowest score among masked patches).
     """
-    ratio = check_ratio(ratio)
-    anchor_ratio = check_anchor_ratio(anchor_ratio)
-    if fill not in FILLS:
-        raise ValueError(f"unknown fill {fill!r}; accepted: {', '.join(FILLS)}")
-    if not 0.0 <= embed_weight <= 1.0:
-        raise ValueError(f"embed_weight must be in [0, 1], got {embed_weight}")
-    p = normalized_patches(images, patch_size)
-    b, n, _ = p.shape
-    k, a = num_keep(n, ratio), num_anchors(n, anchor_ratio)
-    device = p.device
-    anchors = _rand((b, n), device, generator).argsort(dim=1)[:, :a]  # [B, A] distinct per image
-    rows = torch.arange(b, device=device)[:, None]
-    sim = p[rows, anchors] @ p.transpose(1, 2)  # [B, A, N]: only the anchor rows of the matrix
-    if embeddings is not None and embed_weight > 0:
-        if embeddings.shape[:2] != (b, n):
-            raise ValueError(f"embeddings must be [B, N, D] = [{b}, {n}, D], got {tuple(embeddings.shape)}")
-        e = F.normalize(embeddings.detach().float(), dim=-1)
-        sim = (1 - embed_weight) * sim + embed_weight * (e[rows, anchors] @ e.transpose(1, 2))
-    score, membership = sim.max(dim=1)  # [B, N]
-    score = score.scatter(1, anchors, 2.0)  # anchors are always part of their own cluster
-    membership = membership.scatter(1, anchors, torch.arange(a, device=device).expand(b, a))
-    member = score > threshold
-    noise = _rand((b, n), device, generator)
-    if fill == "similarity":
-        priority = score + 1e-4 * noise  # one per-image threshold on the sorted scores
-    else:
-        priority = torch.where(member, 3.0 + score + 1e-4 * noise, noise)  # members (most similar first), then random
-    order = priority.argsort(dim=1, descending=True)
-    keep = order[:, n - k:].sort(dim=1).values
-    if not return_diagnostics:
-        return keep
-    masked = keep_to_mask(keep, n)
-    inf = torch.full_like(score, float("inf"))
-    trimmed = member & ~masked
-    lowest_masked = torch.where(masked, score, inf).min(dim=1).values
-    lowest_member = torch.where(masked & member, score, inf).min(dim=1).values
-    if fill == "similarity":
-        per_image = lowest_masked
-    else:
-        per_image = torch.where(trimmed.any(dim=1), lowest_member, torch.full_like(lowest_member, threshold))
-    diag = {"anchors": anchors, "score": score, "membership": membership, "member": member, "masked": masked,
-            "topped_up": masked & ~member, "trimmed": trimmed, "threshold_per_image": per_image}
-    return keep, diag
+    with full_precision(images.device):  # bf16 similarities flip members and the trimming order
+        ratio = check_ratio(ratio)
+        anchor_ratio = check_anchor_ratio(anchor_ratio)
+        if fill not in FILLS:
+            raise ValueError(f"unknown fill {fill!r}; accepted: {', '.join(FILLS)}")
+        if not 0.0 <= embed_weight <= 1.0:
+            raise ValueError(f"embed_weight must be in [0, 1], got {embed_weight}")
+        p = normalized_patches(images, patch_size)
+        b, n, _ = p.shape
+        k, a = num_keep(n, ratio), num_anchors(n, anchor_ratio)
+        device = p.device
+        anchors = _rand((b, n), device, generator).argsort(dim=1)[:, :a]  # [B, A] distinct per image
+        rows = torch.arange(b, device=device)[:, None]
+        sim = p[rows, anchors] @ p.transpose(1, 2)  # [B, A, N]: only the anchor rows of the matrix
+        if embeddings is not None and embed_weight > 0:
+            if embeddings.shape[:2] != (b, n):
+                raise ValueError(f"embeddings must be [B, N, D] = [{b}, {n}, D], got {tuple(embeddings.shape)}")
+            e = F.normalize(embeddings.detach().float(), dim=-1)
+            sim = (1 - embed_weight) * sim + embed_weight * (e[rows, anchors] @ e.transpose(1, 2))
+        score, membership = sim.max(dim=1)  # [B, N]
+        score = score.scatter(1, anchors, 2.0)  # anchors are always part of their own cluster
+        membership = membership.scatter(1, anchors, torch.arange(a, device=device).expand(b, a))
+        member = score > threshold
+        noise = _rand((b, n), device, generator)
+        if fill == "similarity":
+            priority = score + 1e-4 * noise  # one per-image threshold on the sorted scores
+        else:
+            priority = torch.where(member, 3.0 + score + 1e-4 * noise, noise)  # members (most similar first), then random
+        order = priority.argsort(dim=1, descending=True)
+        keep = order[:, n - k:].sort(dim=1).values
+        if not return_diagnostics:
+            return keep
+        masked = keep_to_mask(keep, n)
+        inf = torch.full_like(score, float("inf"))
+        trimmed = member & ~masked
+        lowest_masked = torch.where(masked, score, inf).min(dim=1).values
+        lowest_member = torch.where(masked & member, score, inf).min(dim=1).values
+        if fill == "similarity":
+            per_image = lowest_masked
+        else:
+            per_image = torch.where(trimmed.any(dim=1), lowest_member, torch.full_like(lowest_member, threshold))
+        diag = {"anchors": anchors, "score": score, "membership": membership, "member": member, "masked": masked,
+                "topped_up": masked & ~member, "trimmed": trimmed, "threshold_per_image": per_image}
+        return keep, diag
 
 
 def keep_to_mask(keep: torch.Tensor, n_patches: int) -> torch.Tensor:

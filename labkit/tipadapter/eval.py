@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from labkit.clip.eval import zero_shot_classifier
 from labkit.clip.model import ClipModel
+from labkit.core.device import synchronize
 from labkit.tipadapter.cache import (
     TipCache,
     accuracy,
@@ -129,8 +130,10 @@ def prepare_task(clip: ClipModel, task: str, max_shots: int = 16, n_val: int = 1
     else:
         classifier, val_f, val_labels = reuse.classifier, reuse.val_features, reuse.val_labels
         test_f, test_labels = reuse.test_features, reuse.test_labels
+    synchronize(clip.device)
     t0 = time.perf_counter()
     views = view_features(clip, pool_imgs, n_views, seed=draw)
+    synchronize(clip.device)
     cache_s = time.perf_counter() - t0
     return FewShotData(task, tuple(classnames), classifier, pool_imgs, pool_labels.to(views.device), views,
                        val_f, val_labels, test_f, test_labels, cache_s)
@@ -170,11 +173,13 @@ def _evaluate_draw_inner(d: FewShotData, shots, epochs: int) -> tuple[dict, dict
         out["tip_adapter"][str(k)] = accuracy(tip_logits(test_f, W, cache.keys, cache.values, best["alpha"],
                                                          best["beta"]), test_y)
         train_f, train_y = d.train_set(k)
+        synchronize(W.device)
         t0 = time.perf_counter()
         with torch.enable_grad():
             # where the cache was not shown to help (alpha 0) it is fine-tuned at the paper's initial alpha of 1
             keys, _ = finetune_keys(cache, train_f, train_y, W, d.val_features, d.val_labels, best["alpha"] or 1.0,
                                     best["beta"], epochs=epochs)
+        synchronize(W.device)
         finetune_s = time.perf_counter() - t0  # the last (largest) shot count's fine-tuning
         best_f = d.search(k, keys)
         out["tip_adapter_f"][str(k)] = accuracy(tip_logits(test_f, W, keys, cache.values, best_f["alpha"],
