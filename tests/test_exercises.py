@@ -200,7 +200,7 @@ def test_solution_passes_and_stub_is_not_attempted(spec, task):
     check = check_for(task.name)
     assert check(notebook_function(spec, task, solved=True)).status is Status.PASS
     stub = check(notebook_function(spec, task, solved=False))
-    assert stub.status is Status.NOT_ATTEMPTED and not stub and stub.message.startswith("⏳ not attempted")
+    assert stub.status is Status.NOT_ATTEMPTED and not stub and stub.message.startswith("⏳ TODO: ")
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCES))
@@ -212,7 +212,7 @@ def test_labkit_reference_passes(name):
 def test_known_wrong_implementation_fails_with_a_hint(name, index):
     result = check_for(name)(WRONG[name][index])
     assert result.status is Status.FAIL and not result
-    assert result.message.startswith(f"❌ {name}, case ") and " — hint: " in result.message
+    assert result.message.startswith(f"❌ FAIL: {name}, case ") and " — hint: " in result.message
 
 
 def test_a_crash_is_a_failure_not_an_exception_and_the_rng_is_left_alone():
@@ -243,3 +243,14 @@ def test_notebooks_import_logic_only_from_labkit():
 def test_each_speedup_slip_gets_its_own_hint():
     hints = {masking_checks.check_ideal_speedup(wrong).message.split(" — hint: ")[1] for wrong in WRONG["ideal_speedup"]}
     assert len(hints) == len(WRONG["ideal_speedup"]) == 4
+
+
+def test_check_lines_carry_a_word_as_well_as_a_symbol():
+    """Without an emoji font the symbol is an empty box: PASS / FAIL / TODO must still be read."""
+    def stub(n_patches, ratio):
+        raise NotImplementedError
+
+    check = check_for("num_keep")
+    assert check(lambda n, r: max(1, int(n * (1 - r)))).message.startswith("✅ PASS: num_keep")
+    assert check(lambda n, r: int(n * r)).message.startswith("❌ FAIL: num_keep")
+    assert check(stub).message.startswith("⏳ TODO: num_keep")

@@ -372,3 +372,20 @@ def test_cluster_masks_do_not_depend_on_autocast():
             bf16 = M.cluster_keep_indices(images, 32, 0.5, generator=torch.Generator().manual_seed(0), fill=fill)
             assert M.similarity_matrix(images, 32).dtype == torch.float32
         assert torch.equal(fp32, bf16)
+
+
+def test_anchor_panel_outlines_the_patches_above_the_threshold():
+    """Every patch above the threshold gets its own cyan box (not a contour that could circle the others)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from labkit.masking import viz
+
+    score = torch.full((64,), -0.5)
+    score[[0, 1, 9, 63]] = 0.9
+    _, ax = plt.subplots()
+    viz.draw_anchor_similarity(ax, torch.zeros(3, 64, 64), score, [0], 8, threshold=0.68)
+    boxes = [p for p in ax.patches if isinstance(p, Rectangle) and p.get_hatch() == "//"]
+    assert sorted((round(b.get_x() + 0.5), round(b.get_y() + 0.5)) for b in boxes) == [(0, 0), (8, 0), (8, 8), (56, 56)]
+    assert "4 of 64 patches" in ax.get_title()
+    plt.close("all")

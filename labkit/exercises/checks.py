@@ -1,8 +1,8 @@
 """The check runner behind the classroom exercises.
 
 A check calls the student's function on a list of cases, compares each result with labkit's
-reference implementation and prints one line: ``✅ pass``, ``❌ <what failed> — hint: ...`` (the
-hint points at the idea, never at the code) or ``⏳ not attempted`` while the function still
+reference implementation and prints one line: ``✅ PASS: ...``, ``❌ FAIL: <what failed> — hint: ...`` (the
+hint points at the idea, never at the code) or ``⏳ TODO: ... not attempted yet`` while the function still
 raises ``NotImplementedError``, so a notebook of stubs runs top to bottom. It returns a
 :class:`CheckResult` that is truthy only on a pass. Cases run under a fixed torch seed in a forked
 RNG, so a check is reproducible and leaves the notebook's random state alone.
@@ -91,19 +91,19 @@ def _run_case(task: str, label: str, run: Callable[[], None], crash_hint: str) -
         run()
     except NotImplementedError:
         return CheckResult(task, Status.NOT_ATTEMPTED,
-                           f"⏳ not attempted: {task} still raises NotImplementedError (write its body, rerun this cell)")
+                           f"⏳ TODO: {task} is not attempted yet: it still raises NotImplementedError (write its body, rerun this cell)")
     except Mismatch as m:
-        return CheckResult(task, Status.FAIL, f"❌ {task}, case '{label}': {m.what} — hint: {m.hint}")
+        return CheckResult(task, Status.FAIL, f"❌ FAIL: {task}, case '{label}': {m.what} — hint: {m.hint}")
     except Exception as e:  # the student's code crashed: report it like a failed case
         return CheckResult(task, Status.FAIL,
-                           f"❌ {task}, case '{label}': your function raised {type(e).__name__}: {e} — hint: {crash_hint}")
+                           f"❌ FAIL: {task}, case '{label}': your function raised {type(e).__name__}: {e} — hint: {crash_hint}")
     return None
 
 
 def run_check(task: str, cases: Iterable[Case], crash_hint: str, seed: int = 0, verbose: bool = True) -> CheckResult:
     """Run ``cases`` in order, stop at the first that does not pass; print and return the result."""
     cases = list(cases)
-    result = CheckResult(task, Status.PASS, f"✅ pass: {task} ({len(cases)} cases)")
+    result = CheckResult(task, Status.PASS, f"✅ PASS: {task} ({len(cases)} cases)")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for label, run in cases:

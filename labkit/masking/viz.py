@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from matplotlib import pyplot as plt
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 STRATEGY_COLORS = {"none": "#555555", "random": "#1f77b4", "cluster": "#d62728"}
 
@@ -102,18 +103,21 @@ def draw_similarity_matrix(ax, sim, anchors=None, title: str = "patch-to-patch c
 
 def draw_anchor_similarity(ax, image, score, anchors, patch_size: int, threshold: float | None = None,
                            title: str | None = None):
-    """Each patch's max similarity to an anchor, over the image; the threshold contour outlined."""
+    """Each patch's max similarity to an anchor, over the image; the patches above ``threshold`` (the
+    cluster members) outlined and hatched in cyan, one box per patch."""
     img = to_display(image)
     grid = _grid(img, patch_size)
     s = np.clip(_np(score).astype(np.float32), -1, 1)
     ax.imshow(img)
     im = ax.imshow(_patch_map(s, grid, patch_size), cmap="magma", vmin=-1, vmax=1, alpha=0.65)
-    if threshold is not None:
-        ax.contour(_patch_map((s > threshold).astype(float), grid, patch_size), levels=[0.5], colors="cyan",
-                   linewidths=1.2)
+    above = np.flatnonzero(s > threshold) if threshold is not None else []
+    for j in above:
+        r, c = divmod(int(j), grid[1])
+        ax.add_patch(Rectangle((c * patch_size - 0.5, r * patch_size - 0.5), patch_size, patch_size, fill=False,
+                               edgecolor="cyan", hatch="//", linewidth=0.8))
     _draw_anchors(ax, anchors, grid, patch_size)
-    ax.set_title(title or "similarity to the nearest anchor" + (f" (> {threshold:g}: cyan)" if threshold else ""),
-                 fontsize=9)
+    members = f" (> {threshold:g}, hatched cyan: {len(above)} of {s.size} patches)" if threshold is not None else ""
+    ax.set_title(title or "similarity to the nearest anchor" + members, fontsize=9)
     ax.axis("off")
     plt.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     return ax
