@@ -24,8 +24,8 @@ HOW_IT_WORKS = (
     "**How this works.** Each task explains one step of the method and gives you a function to write: replace "
     "`raise NotImplementedError` with your code, run the cell, then run the check below it. The check compares "
     "your function with labkit's reference on several cases (edge cases included) and prints **✅ PASS**, "
-    "**❌ FAIL: what failed — hint: ...**, or **⏳ TODO** (not attempted yet); the word is there for screens without an emoji font. Once a check passes, the plot under it uses your "
-    "function. The notebook runs top to bottom before you start, so you can work in any order."
+    "**❌ FAIL: what failed — hint: ...**, or **⏳ TODO** (not attempted yet). Once a check passes, the plot "
+    "under it uses your function. The notebook runs top to bottom before you start, so you can work in any order."
 )
 STUB_BODY = "    # your code here\n    raise NotImplementedError"
 KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3"}
