@@ -91,7 +91,8 @@ def _run_case(task: str, label: str, run: Callable[[], None], crash_hint: str) -
         run()
     except NotImplementedError:
         return CheckResult(task, Status.NOT_ATTEMPTED,
-                           f"⏳ TODO: {task} is not attempted yet: it still raises NotImplementedError (write its body, rerun this cell)")
+                           f"⏳ TODO: {task} is not attempted yet: it still raises NotImplementedError "
+                           "(write its body, rerun this cell)")
     except Mismatch as m:
         return CheckResult(task, Status.FAIL, f"❌ FAIL: {task}, case '{label}': {m.what} — hint: {m.hint}")
     except Exception as e:  # the student's code crashed: report it like a failed case
