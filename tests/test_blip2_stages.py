@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from labkit.blip2.data import FrozenPatchEncoder, Stage1Batches, Stage2Batches, question_type, render, tokenizer
 from labkit.blip2.eval import caption_attribute_hits, parse_caption, query_cross_attention, question_attention
 from labkit.blip2.lm import TextBatch, decoder_labels, lm_generate, lm_loss, new_lm, pack_left
+from labkit.blip2.stage1 import Blip2Stage1
 from labkit.blip2.stage2 import Blip2Stage2
 from labkit.blip2.train import load_stage2, new_text_lm, stage1_config
 from labkit.clip.pretrain import new_toy_clip
@@ -248,3 +249,29 @@ def test_text_conditioned_stage2_reads_the_question_and_trains_the_text_parts(en
     loaded.image_encoder = encoder
     assert torch.allclose(loaded.prompts(images, torch.tensor([[5, 6], [5, 6]]), torch.ones(2, 2, dtype=torch.bool)), a,
                           atol=1e-2)  # fp16 checkpoint
+
+
+def test_itc_loss_matches_a_hand_written_symmetric_smoothed_cross_entropy():
+    from labkit.blip2.stage1 import itc_loss
+
+    sim = torch.tensor([[0.9, 0.1, -0.2], [0.3, 0.8, 0.0], [-0.1, 0.4, 0.7]])
+    temp, eps, n = 0.07, 0.1, 3
+
+    def smoothed_ce(logits):  # (1 - eps) * NLL of the diagonal + eps * mean NLL over all classes, averaged over rows
+        logp = logits - logits.exp().sum(dim=1, keepdim=True).log()
+        return sum(-(1 - eps) * logp[i, i] - eps / n * logp[i].sum() for i in range(n)) / n
+
+    expected = (smoothed_ce(sim / temp) + smoothed_ce(sim.t() / temp)) / 2
+    assert itc_loss(sim, torch.tensor(temp), eps).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_itc_temperature_is_clamped_in_place_and_keeps_its_gradient():
+    """ALBEF/BLIP clamp the parameter under no_grad; an out-of-place clamp would give it zero gradient at 0.6."""
+    torch.manual_seed(0)
+    model = Blip2Stage1(stage1_config(), dec_token_id=tokenizer().vocab_size, embed_dim=32)
+    with torch.no_grad():
+        model.temp.fill_(0.6)
+    feats = torch.randn(4, 64, model.config.encoder_width)
+    ids = torch.randint(4, 20, (4, 8))
+    model(feats, ids).loss.backward()
+    assert model.temp.item() == pytest.approx(0.5) and model.temp.grad is not None and model.temp.grad.abs().item() > 0

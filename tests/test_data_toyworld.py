@@ -131,3 +131,16 @@ def test_bad_input_is_rejected():
 def test_rendering_is_far_faster_than_training():
     result = bench_toyworld(n=300, repeats=1)
     assert result["images_per_s"] > 5 * result["training_images_per_s"]
+
+
+@pytest.mark.parametrize("task", ["shape", "novel", "shifted", "mnist"])
+def test_support_validation_and_test_draws_of_a_task_share_no_image(task):
+    """Alpha/beta are chosen on validation and reported on test: the three draws must be disjoint."""
+    import hashlib
+
+    from labkit.tipadapter.eval import task_data
+
+    draws = {role: {hashlib.sha1(image.numpy().tobytes()).hexdigest() for image in task_data(task, role, 300)[0]}
+             for role in ("support", "val", "test")}
+    assert all(len(d) == 300 for d in draws.values())  # no repeats inside a draw either
+    assert not draws["support"] & draws["val"] and not draws["support"] & draws["test"] and not draws["val"] & draws["test"]

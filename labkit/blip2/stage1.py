@@ -5,8 +5,10 @@ Three objectives share one Q-Former and differ only in the self-attention mask
 
 - **ITC** (image-text contrastive): each of the Q query outputs is compared with the text
   [CLS] output; the image-text similarity is the *maximum* over queries; a learnable
-  temperature (init 0.07, clamped to [0.001, 0.5]) scales a symmetric cross-entropy with
-  label smoothing 0.1, as in LAVIS. Uni-modal mask.
+  temperature (init 0.07) scales a symmetric cross-entropy with label smoothing 0.1, as in
+  LAVIS. Uni-modal mask. The temperature is kept in [0.001, 0.5] by clamping the parameter in
+  place under ``no_grad`` before each use, as ALBEF and BLIP do, so its gradient is never cut off;
+  LAVIS's released BLIP-2 stage-1 code does not clamp it at all.
 - **ITM** (image-text matching): a binary classifier (``itm_head``, hidden -> 2) on every query
   output, logits averaged over queries, trained on the positives plus one hard negative text
   per image and one hard negative image per text, drawn from softmax(similarity) with the
@@ -166,7 +168,9 @@ class Blip2Stage1(nn.Module):
             raise ValueError(f"stage 1 needs at least 2 image-text pairs per batch for ITC/ITM negatives, got {batch}")
         if text_ids.shape[1] < 2:
             raise ValueError(f"ITG needs texts of at least 2 tokens ([DEC] + one to predict), got {text_ids.shape[1]}")
-        temp = self.temp.clamp(0.001, 0.5)  # LAVIS clamps the temperature to [0.001, 0.5]
+        with torch.no_grad():  # in place, as ALBEF/BLIP: an out-of-place clamp would zero the gradient outside the range
+            self.temp.clamp_(0.001, 0.5)
+        temp = self.temp
 
         # ITC: one pass under the uni-modal mask = separate query and text passes.
         query_emb, text_emb = self._project(self.qformer(feats, text_ids, mask, mode="itc"))

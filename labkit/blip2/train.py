@@ -31,7 +31,9 @@ CONTEXT = 64  # LM context: 16 soft prompts + up to 48 text tokens
 
 
 def stage1_config() -> QFormerConfig:
-    return QFormerConfig.tiny(vocab_size=tokenizer().vocab_size + 1, max_positions=TEXT_LEN, dropout=0.0)  # + [DEC]
+    """The tiny Q-Former of every ToyWorld stage (vocabulary + [DEC]). Dropout is 0 where LAVIS's BERT config
+    has 0.1: every batch is freshly rendered, so there is no fixed training set to overfit (0.1 is untested here)."""
+    return QFormerConfig.tiny(vocab_size=tokenizer().vocab_size + 1, max_positions=TEXT_LEN, dropout=0.0)
 
 
 def new_stage1() -> Blip2Stage1:

@@ -16,8 +16,10 @@ mask). Here, per image, in one vectorised pass:
 
 1. ``score[b, j]`` = max cosine similarity of patch ``j`` to the image's anchors (anchors get 2).
    Only the ``A x N`` anchor rows of the similarity matrix are computed.
-2. ``member = score > threshold`` (default 0.68, the official code's value): the paper's clusters,
-   a variable number of patches per image.
+2. ``member = score > threshold`` (default 0.68): the paper's clusters, a variable number of
+   patches per image. 0.68 is the ``sim=0.68`` default of the official ``get_cluster_mask``; its
+   forward passes the target ratio into that argument positionally, so which threshold the
+   published runs really used cannot be read off the code.
 3. Exactly ``M = N - K`` patches are masked, by priority: cluster members first, most similar first
    (an over-full cluster is *trimmed* to its core: the per-image threshold rises above
    ``threshold``); then the *top-up* from the non-members: ``fill="random"`` (default, like the
@@ -38,6 +40,16 @@ their normalised vector is zero and their pixel similarity to every patch is 0 (
 gets NaN, which never passes the threshold either). The embedding term (``embed_weight``: the
 similarity of the patch tokens after the positional embedding, as in the official code, which
 ramps the weight up over the epochs) can still group them.
+
+Departures from the official code, and why:
+
+* Anchors: ``round(anchor_ratio * N)`` (1 for ViT-B-32's 49 patches at 0.03); the official code
+  takes ``N - int(0.97 N)`` (2 there). Kept so that the shipped study's masks stay as measured; pass
+  ``anchor_ratio=0.05`` for two anchors on 49 patches.
+* The mask ratio is met exactly per image (trim / top-up above) with no padding tokens, where the
+  official code varies it per image and pads with an additive attention mask.
+* Similarities are computed in fp32 with autocast off (:func:`labkit.core.device.full_precision`):
+  under bf16 autocast the kept sets of 15 of 64 ViT-B-32-sized images changed.
 """
 
 from __future__ import annotations
@@ -145,7 +157,8 @@ def cluster_keep_indices(images: torch.Tensor, patch_size: int, ratio: float,
                          return_diagnostics: bool = False):
     """Cluster Masking (CVPR 2024) with the target ratio met exactly per image (module docstring).
 
-    ``images`` ``[B, C, H, W]`` (any normalisation: per-patch normalisation removes it);
+    ``images`` ``[B, C, H, W]``, raw or normalised with one global gain and offset (per-patch
+    normalisation removes those; a per-channel mean/std normalisation does change the similarities);
     ``embeddings`` ``[B, N, D]`` patch embeddings mixed in with weight ``embed_weight``.
     Returns sorted keep indices ``[B, K]``, plus a dict of diagnostics when asked: ``anchors``
     ``[B, A]``, ``score`` ``[B, N]`` (max similarity to an anchor), ``membership`` ``[B, N]``
