@@ -7,6 +7,10 @@ MSE on hidden states, MSE on attention scores (masked positions zeroed) and KL o
 a temperature (:func:`representation_losses`, :func:`soft_cross_entropy`), weighted
 ``0.6 * task + 0.4 * KD`` as in the official ``GeneralDistill.py`` (:func:`distillation_loss`).
 :func:`make_student` builds and initialises the student from teacher layers; :func:`train_student` runs it.
+
+Departure from the official code: the official ``get_kd_loss(is_img=True)`` leaves the student's last
+vision hidden state out of the hidden-state MSE; labkit includes it, like every other layer (the
+student's last vision state feeds the fusion encoder and the ITC embedding, so it is distilled too).
 """
 
 from __future__ import annotations

@@ -14,6 +14,19 @@ The gate maths (eq. numbers from Louizos et al. §4):
     P(z != 0) = sigmoid(log alpha - beta * log(-gamma / zeta))          (expected L0, eq. 12)
     test time: z = clamp(sigmoid(log alpha) * (zeta - gamma) + gamma, 0, 1)      (eq. 13)
 with beta = 2/3, gamma = -0.1, zeta = 1.1 as in the paper and EfficientVLM's code.
+
+Departures from the official code (swaggy-TN/EfficientVLM), and why:
+
+* Finalize: labkit keeps a unit where the test-time gate of eq. 13 is non-zero and folds the
+  fractional gate values into the weights, so the pruned model computes exactly what the gated
+  model computed. The official code (CoFi's ``_deterministic_z``) instead zeroes, per layer, the
+  ``round(E[#zeros])`` units with the smallest gates and sets every kept gate to 1. The shipped pruned
+  model was made with labkit's rule; the official one is not implemented yet.
+* Initialisation: pruning starts every gate at the same ``init_keep`` (0.8 in :class:`PruningModel`,
+  log alpha = logit 0.8), heads and FFN units alike; the official code initialises heads near keep and
+  FFN units at a drop rate of 0.5.
+* The multipliers start at 0 and learn with their own learning rate (gradient ascent); the official
+  code also clamps log alpha to [ln 0.01, ln 100] after each step, which labkit does not.
 """
 
 from __future__ import annotations

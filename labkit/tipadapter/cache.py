@@ -19,6 +19,17 @@ cosine schedule, the text classifier and values frozen.
 Everything after the image encoder works on cached features, so it is vectorised and cheap. The
 evaluation behind ``labkit eval tip`` (the few-shot tasks, every method at every shot count) is
 :mod:`labkit.tipadapter.eval`.
+
+Departures from the official code (gaopengcuhk/Tip-Adapter), and why:
+
+* Keys: labkit averages the *unit* features of the 10 views and normalises again; the official code
+  averages the raw features over views and normalises once. With CLIP's features of similar norm the
+  two agree closely; labkit's gives every view the same weight.
+* Tip-Adapter-F feeds every cached view of every support image in each epoch (10x the official
+  samples per epoch, so more optimizer steps for "20 epochs"), where the official code draws one
+  fresh augmentation per image per epoch. It reuses the cache's views instead of re-encoding images.
+* alpha and beta are searched on a validation split, never on test (the official ImageNet script
+  searched on test).
 """
 
 from __future__ import annotations
