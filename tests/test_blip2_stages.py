@@ -275,3 +275,24 @@ def test_itc_temperature_is_clamped_in_place_and_keeps_its_gradient():
     ids = torch.randint(4, 20, (4, 8))
     model(feats, ids).loss.backward()
     assert model.temp.item() == pytest.approx(0.5) and model.temp.grad is not None and model.temp.grad.abs().item() > 0
+
+
+def test_training_loops_evaluate_on_validation_never_on_test(monkeypatch):
+    """Every in-training evaluation (toy CLIP, text LM, stage 1, stage 2) draws validation scenes."""
+    from labkit.blip2.train import train_stage1, train_stage2, train_text_lm
+    from labkit.clip.pretrain import train_toy_clip
+
+    splits = []
+    original = tw.ToyWorld.__init__
+
+    def recording_init(self, split="train", *args, **kwargs):
+        splits.append(split)
+        original(self, split, *args, **kwargs)
+
+    monkeypatch.setattr(tw.ToyWorld, "__init__", recording_init)
+    clip, _ = train_toy_clip(steps=2, batch_size=8, eval_n=8, progress=False)
+    encoder = FrozenPatchEncoder(clip)
+    train_text_lm("opt", steps=2, batch_size=4, progress=False)
+    stage1, _ = train_stage1(encoder, clip, steps=2, batch_size=4, progress=False)
+    train_stage2(encoder, new_text_lm("opt"), stage1, steps=2, batch_size=4, eval_n=4, progress=False)
+    assert "val" in splits and "test" not in splits, sorted(set(splits))

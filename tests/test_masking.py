@@ -389,3 +389,22 @@ def test_anchor_panel_outlines_the_patches_above_the_threshold():
     assert sorted((round(b.get_x() + 0.5), round(b.get_y() + 0.5)) for b in boxes) == [(0, 0), (8, 0), (8, 8), (56, 56)]
     assert "4 of 64 patches" in ax.get_title()
     plt.close("all")
+
+
+def test_the_study_chooses_on_validation_and_reports_on_test(monkeypatch):
+    """A variant that is best on test but not on validation must not be called the best."""
+    from labkit.masking import study
+
+    def fake_evaluate(clip, n=1000, split="test"):
+        hooked = isinstance(clip.model.visual.patch_dropout, M.PatchMasking)
+        good = hooked if split == "test" else not hooked  # masking wins on test only
+        value = 0.9 if good else 0.1
+        return {"zero_shot_shape_acc": value, "zero_shot_color_acc": value, "retrieval_i2t_r1": value,
+                "retrieval_t2i_r1": value}
+
+    monkeypatch.setattr(study, "evaluate_clip", fake_evaluate)
+    monkeypatch.setattr("labkit.clip.pretrain.evaluate_clip", fake_evaluate)
+    result = study.eval_masking(budget_s=1.0, variants=("none", "random"), progress=False)
+    runs = {r["masking"]: r for r in result["runs"]}
+    assert runs["random"]["zero_shot_shape_acc"] == 0.9 and runs["none"]["val_shape_plus_i2t"] == 1.8
+    assert result["best_by_shape_plus_i2t"] == "none"

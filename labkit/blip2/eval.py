@@ -54,8 +54,9 @@ def caption_attribute_hits(scene: tw.Scene, caption: str) -> tuple[int, int]:
     return hits, len(scene.objects)
 
 
-def eval_scenes(n: int, seed: int = 0, objects=(1, 3)) -> list[tw.Scene]:
-    world = tw.ToyWorld("test", seed, n, objects=objects)
+def eval_scenes(n: int, seed: int = 0, objects=(1, 3), split: str = "test") -> list[tw.Scene]:
+    """``n`` held-out scenes: ``split="val"`` during training and for choosing a recipe, ``"test"`` for the report."""
+    world = tw.ToyWorld(split, seed, n, objects=objects)
     return [world.scene(i) for i in range(n)]
 
 
@@ -98,9 +99,9 @@ def answer_and_caption(generate, scenes: list[tw.Scene], batch_size: int = 256) 
             "qa": qa, "captions": captions}
 
 
-def evaluate_text_lm(lm: nn.Module, n: int = 200, seed: int = 0) -> dict:
+def evaluate_text_lm(lm: nn.Module, n: int = 200, seed: int = 0, split: str = "test") -> dict:
     """The text-only LM answering from the true caption: the ceiling it puts on stage 2 (docs/design.md)."""
-    tok, scenes = tokenizer(), eval_scenes(n, seed)
+    tok, scenes = tokenizer(), eval_scenes(n, seed, split=split)
     device = next(lm.parameters()).device
     qa = [(s, q, a) for s in scenes for q, a in s.questions()]
     prefixes = [[tok.ids[SOT], *tok.encode(s.caption(np.random.default_rng(k))), *tok.encode(q)]
@@ -129,9 +130,10 @@ def binding_chance(n: int = 300, seed: int = 0) -> float:
 
 
 @torch.no_grad()
-def itc_retrieval_r1(model: Blip2Stage1, encoder: FrozenPatchEncoder, n: int = 1000, seed: int = 0) -> float:
+def itc_retrieval_r1(model: Blip2Stage1, encoder: FrozenPatchEncoder, n: int = 1000, seed: int = 0,
+                     split: str = "test") -> float:
     """Image->text R@1 with the stage-1 ITC similarity (max over queries) against canonical captions of 2-3-object scenes."""
-    scenes, tok = eval_scenes(n, seed, objects=(2, 3)), tokenizer()
+    scenes, tok = eval_scenes(n, seed, objects=(2, 3), split=split), tokenizer()
     model.eval()
     device = encoder.mean.device
     ids = tok([s.caption() for s in scenes]).to(device)
@@ -142,9 +144,10 @@ def itc_retrieval_r1(model: Blip2Stage1, encoder: FrozenPatchEncoder, n: int = 1
     return float((sim.argmax(1).cpu() == torch.arange(n)).float().mean())
 
 
-def evaluate_stage2(model: Blip2Stage2, encoder: FrozenPatchEncoder, n: int = 200, seed: int = 0, details: bool = True) -> dict:
+def evaluate_stage2(model: Blip2Stage2, encoder: FrozenPatchEncoder, n: int = 200, seed: int = 0, details: bool = True,
+                    split: str = "test") -> dict:
     """Caption attribute accuracy and VQA accuracy (colour + shape questions; all types alongside) on held-out scenes."""
-    scenes = eval_scenes(n, seed)
+    scenes = eval_scenes(n, seed, split=split)
     model.eval()
     device = encoder.mean.device
     feats = torch.cat([encoder(render(scenes[i: i + 256])) for i in range(0, n, 256)])

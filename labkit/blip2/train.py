@@ -88,8 +88,8 @@ def train_text_lm(kind: str, steps: int = 3000, batch_size: int = 128, lr: float
     cfg = TrainConfig(steps=steps, lr=lr, seed=seed, weight_decay=0.01, time_budget_s=time_budget_s,
                       desc=f"text LM ({kind})", eval_every=max(1, shorten(steps, FAST_STEPS) // 10), fast_steps=FAST_STEPS)
     record = fit(lm, lambda m, text: lm_loss(m, None, text, prefix_loss=prefix_loss), TextLMBatches(kind, batch_size, seed=seed),
-                 cfg, evaluate=lambda m: evaluate_text_lm(m, n=shorten(100, 10)), progress=progress)
-    info = {**_record(record, time.perf_counter() - started), **evaluate_text_lm(lm, n=shorten(300, 50)),
+                 cfg, evaluate=lambda m: evaluate_text_lm(m, n=shorten(100, 10), split="val"), progress=progress)
+    info = {**_record(record, time.perf_counter() - started), **evaluate_text_lm(lm, n=shorten(300, 50), split="val"),
             "qa_curve": [{k: e[k] for k in ("step", "lm_vqa_from_caption_color_shape")} for e in record["evals"]]}
     if out:
         _save(out, lm.state_dict(), {"kind": kind, "lm_config": lm.config.to_dict()}, info, meta,
@@ -122,7 +122,7 @@ def train_stage1(encoder: FrozenPatchEncoder, clip: ClipModel, steps: int = 2000
     info = _record(record, time.perf_counter() - started)
     info["curve_terms"] = [{k: round(h[k], 4) for k in ("step", "itc", "itm", "itg")}
                            for h in record["history"][:: max(1, len(record["history"]) // 200)]]
-    info["itc_i2t_r1"] = itc_retrieval_r1(model, encoder, n=shorten(1000, 100))
+    info["itc_i2t_r1"] = itc_retrieval_r1(model, encoder, n=shorten(1000, 100), split="val")
     if out:
         _save(out, model.state_dict(), {"qformer": model.config.to_dict(), "dec_token_id": model.dec_token_id,
                                         "embed_dim": model.vision_proj.out_features}, info, {"clip": clip.name, **(meta or {})},
@@ -158,7 +158,7 @@ def train_stage2(encoder: FrozenPatchEncoder, lm: nn.Module, stage1: Blip2Stage1
     record = fit(model, lambda m, batch: m(*batch), Stage2Batches(encoder, batch_size, seed=seed, shape_share=shape_share), cfg,
                  device=encoder.mean.device, progress=progress)
     info = _record(record, time.perf_counter() - started)
-    info.update(evaluate_stage2(model, encoder, n=shorten(eval_n, 30), details=False))
+    info.update(evaluate_stage2(model, encoder, n=shorten(eval_n, 30), details=False, split="val"))
     if out:
         _save(out, model.trainable_state(), {"qformer": model.config.to_dict(), "lm_kind": model.lm_kind,
                                              "text_conditioned": text_conditioned}, info,

@@ -45,12 +45,12 @@ def retrieval_eval(clip: ClipModel, split: str = "test", n: int = 1000, objects=
             "similarity": sim.cpu(), "captions": captions, "images": images}
 
 
-def evaluate_clip(clip: ClipModel, n: int = 1000) -> dict:
-    """The foundation's acceptance metrics (held-out ``test`` split)."""
-    retrieval = retrieval_eval(clip, n=n)
+def evaluate_clip(clip: ClipModel, n: int = 1000, split: str = "test") -> dict:
+    """The foundation's acceptance metrics on held-out scenes: ``split="val"`` during training, ``"test"`` to report."""
+    retrieval = retrieval_eval(clip, split, n=n)
     return {
-        "zero_shot_shape_acc": zero_shot_eval(clip, "shape", n=n)["accuracy"],
-        "zero_shot_color_acc": zero_shot_eval(clip, "color", n=n)["accuracy"],
+        "zero_shot_shape_acc": zero_shot_eval(clip, "shape", split, n=n)["accuracy"],
+        "zero_shot_color_acc": zero_shot_eval(clip, "color", split, n=n)["accuracy"],
         "retrieval_i2t_r1": retrieval["i2t_r1"],
         "retrieval_t2i_r1": retrieval["t2i_r1"],
     }

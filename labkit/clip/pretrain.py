@@ -116,6 +116,6 @@ def train_toy_clip(steps: int, batch_size: int = 128, out_dir: str | None = None
     cfg = TrainConfig(steps=steps, lr=lr, seed=seed, eval_every=eval_every, out_dir=out_dir,
                       time_budget_s=time_budget_s, desc="toy CLIP", checkpoint_every=max(1, steps // 10))
     record = fit(clip.model, contrastive_loss_fn(), PretrainBatches(clip, batch_size, seed=seed), cfg,
-                 evaluate=(lambda _: evaluate_clip(clip, eval_n)) if eval_n else None, device=clip.device,
+                 evaluate=(lambda _: evaluate_clip(clip, eval_n, split="val")) if eval_n else None, device=clip.device,
                  progress=progress)
     return clip, record
