@@ -49,7 +49,7 @@ from labkit.clip.pretrain import train_toy_clip
 from labkit.core.assets import asset_dir
 from labkit.core.checkpoint import OPEN_CLIP, read_metadata
 from labkit.core.device import autocast, get_device, synchronize
-from labkit.core.train import fast_mode
+from labkit.core.train import fast_mode, shorten
 from labkit.efficientvlm.eval import eval_scenes, inference_speedup
 from labkit.efficientvlm.model import load_efficient
 from labkit.masking.bench import bench_masking
@@ -68,7 +68,7 @@ def shipped_command(name: str) -> argparse.Namespace:
 
 
 def _median_ms(fn, device: torch.device, repeats: int) -> float:
-    warmup, times = 1 if fast_mode() else 3, []
+    warmup, times = shorten(3, 1), []
     for i in range(warmup + repeats):
         synchronize(device)
         t0 = time.perf_counter()
@@ -107,7 +107,7 @@ def check_blip2(steps: int, device: torch.device) -> dict:
 def check_efficient(device: torch.device, repeats: int) -> dict:
     clip = load_clip("toy", device)
     models = {name: load_efficient(name, device) for name in ("teacher", "student", "pruned")}
-    batches = (16,) if fast_mode() else (128, 1024)
+    batches = tuple(sorted({shorten(128, 16), shorten(1024, 16)}))
     images, captions, _ = eval_scenes(clip, max(batches))
     out = {}
     for batch in batches:
@@ -137,16 +137,16 @@ def _tip_latency(clip: ClipModel, support: tuple, queries: torch.Tensor, device:
 
     return {"support_images": len(labels), "views": 10,
             "cache_build_ms": _median_ms(lambda: tip.build_cache(clip, images, labels, classnames), device,
-                                         max(1 if fast_mode() else 3, repeats // 5)),
+                                         max(shorten(3, 1), repeats // 5)),
             "query_ms": _median_ms(lambda: classify(queries[:1]), device, repeats),
             f"batch_{len(queries)}_queries_ms": _median_ms(lambda: classify(queries), device, repeats)}
 
 
 def check_tip(device: torch.device, repeats: int) -> dict:
     images, labels, classnames, templates = tip_eval.task_data("shape", "support", 1000)
-    shots = tip.select_shots(labels, 1 if fast_mode() else 16, len(classnames))
+    shots = tip.select_shots(labels, shorten(16, 1), len(classnames))
     support = (images[shots], labels[shots], classnames, templates)
-    queries = tip_eval.task_data("shape", "test", 8 if fast_mode() else 64)[0]
+    queries = tip_eval.task_data("shape", "test", shorten(64, 8))[0]
     return {clip.name: _tip_latency(clip, support, queries, device, repeats)
             for clip in (load_clip("toy", device), _random_vit_b32(device))}
 
