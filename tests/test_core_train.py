@@ -105,7 +105,8 @@ def test_corrupt_or_mismatched_checkpoint_is_rejected_and_nothing_overwritten(tm
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_processes_hold_identical_weights(tmp_path):
+def test_ddp_two_cpu_processes_hold_identical_weights_for_every_trainer(tmp_path):
+    """The toy CLIP, the EfficientVLM teacher (whose loss calls submodules) and BLIP-2's LM and stage 1 under torchrun."""
     worker = Path(__file__).with_name("_ddp_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LABKIT_DEVICE": "cpu"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -116,10 +117,11 @@ def test_ddp_two_cpu_processes_hold_identical_weights(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    assert {key.split(".")[0] for key in a} == {"clip", "teacher", "text_lm", "stage1"}  # every trainer family
     torch.manual_seed(0)
     from labkit.clip.pretrain import new_toy_clip
     init = new_toy_clip(device="cpu").model.state_dict()
-    assert not torch.equal(init["visual.proj"], a["visual.proj"])  # training moved the weights
+    assert not torch.equal(init["visual.proj"], a["clip.visual.proj"])  # training moved the weights
 
 
 def test_fit_waits_for_the_device_before_every_timer_read(monkeypatch):

@@ -8,8 +8,8 @@ safetensors and resumes from them, uses bf16 autocast on CUDA, and runs unchange
 Data is index-addressable: ``make_batch(step, rank, world_size)`` returns ``(batch, n_images)``
 for one global step, so resuming at step ``s`` reproduces the very batches an uninterrupted
 run would have seen, and each rank draws its own slice without a sampler.
-``loss_fn(model, batch)`` must call ``model(...)`` (the DDP wrapper's forward) and return a
-scalar loss, or ``(loss, metrics_dict)``.
+``loss_fn(model, batch)`` returns a scalar loss, or ``(loss, metrics_dict)``; it may call any of the
+model's submodules or methods, since under DDP the whole loss runs inside DDP's forward.
 
 Fast mode lives here too: :func:`fast_mode` reads ``LABKIT_FAST`` and :func:`shorten` is the one way the
 lab shrinks a loop, an evaluation or a benchmark for tests and CI; ``fit`` caps ``steps`` at
@@ -154,6 +154,19 @@ def has_train_state(out_dir: str | os.PathLike | None) -> bool:
     return out_dir is not None and (Path(out_dir) / STATE_NAME).is_file()
 
 
+class _LossOf(nn.Module):
+    """``loss_fn(model, batch)`` as a module, so that under DDP its forward runs the whole loss: whatever the loss
+    calls (``model.encode_image``, an LM's embeddings, gates) happens inside DDP's forward, which is what lets
+    DDP synchronise the gradients. ``find_unused_parameters`` covers losses that leave a head out of a step."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch):
+        return self.loss_fn(self.model, batch)
+
+
 def fit(model: nn.Module, loss_fn: Callable, make_batch: Callable[[int, int, int], tuple[object, int]],
         cfg: TrainConfig, evaluate: Callable[[nn.Module], dict] | None = None,
         device: torch.device | None = None, progress: bool = True, groups: list[dict] | None = None) -> dict:
@@ -179,7 +192,7 @@ def fit(model: nn.Module, loss_fn: Callable, make_batch: Callable[[int, int, int
     if cfg.resume and has_train_state(cfg.out_dir):
         start = load_train_state(cfg.out_dir, model, optimizer)
     schedule = lr_lambda(cfg.steps, cfg.warmup)
-    train_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    train_model = nn.parallel.DistributedDataParallel(_LossOf(model, loss_fn), find_unused_parameters=True) if world > 1 else None
     history, evals = [], []
     bar = tqdm(range(start, cfg.steps), desc=cfg.desc, disable=not progress or rank != 0, initial=start,
                total=cfg.steps, dynamic_ncols=True)
@@ -193,7 +206,7 @@ def fit(model: nn.Module, loss_fn: Callable, make_batch: Callable[[int, int, int
             group["lr"] = group["base_lr"] * (schedule(step) if group.get("scheduled", True) else 1.0)
         batch, n_images = make_batch(step, rank, world)
         with autocast(device):
-            out = loss_fn(train_model, batch)
+            out = train_model(batch) if train_model is not None else loss_fn(model, batch)
         loss, metrics = out if isinstance(out, tuple) else (out, {})
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
