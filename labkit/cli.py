@@ -38,6 +38,7 @@ def all_commands() -> dict[str, list[Command]]:
         name = f"labkit.{package}.commands"
         if importlib.util.find_spec(name) is not None:
             found[package] = importlib.import_module(name).COMMANDS
+    found["fetch"] = importlib.import_module("labkit.fetch").COMMANDS
     found["app"] = APP_COMMANDS
     return found
 
@@ -47,7 +48,9 @@ def _add_command(parser: argparse.ArgumentParser, command: Command) -> None:
         default = command.default(name)
         flag = "--" + name.replace("_", "-")
         settings = dict(settings)
-        if default is inspect.Parameter.empty:
+        if name in command.positional:
+            parser.add_argument(name, **settings)
+        elif default is inspect.Parameter.empty:
             parser.add_argument(flag, required=True, **settings)
         elif isinstance(default, bool):
             parser.add_argument(flag, action="store_true", default=default, **settings)

@@ -162,35 +162,48 @@ def _load_local_dir(name: str, path: str, device) -> ClipModel:
     return clip
 
 
-def cached_openclip_weights(arch: str, tag: str) -> str:
-    """Path of the cached weights of ``arch``/``tag``; never touches the network.
+def openclip_hub_files(arch: str, tag: str) -> tuple[str, list[str]]:
+    """``(Hugging Face repository, weight file names in order of preference)`` of open_clip's ``arch``/``tag``
+    (safetensors first); ``("", [])`` for weights that open_clip serves only from a URL.
 
-    Raises :class:`ModelError` for an unknown pair or weights that are not cached.
+    Raises :class:`ModelError` for an unknown pair.
     """
     cfg = open_clip.get_pretrained_cfg(arch, tag)
     if not cfg:
         known = ", ".join(t for a, t in open_clip.list_pretrained() if a == arch) or "none (unknown architecture)"
         raise ModelError(f"open_clip has no pretrained tag {tag!r} for {arch!r}; tags for {arch}: {known}")
     hub = cfg.get("hf_hub", "")
-    if hub:
-        from huggingface_hub import try_to_load_from_cache
-        from open_clip.pretrained import HF_WEIGHTS_NAME, _get_safe_alternatives
+    if not hub:
+        return "", []
+    from open_clip.pretrained import HF_WEIGHTS_NAME, _get_safe_alternatives
 
-        repo, filename = os.path.split(hub)  # open_clip's 'org/model/file' or 'org/model/'
-        filename = filename or HF_WEIGHTS_NAME
-        for candidate in [*_get_safe_alternatives(filename), filename]:
+    repo, filename = os.path.split(hub)  # open_clip's 'org/model/file' or 'org/model/'
+    filename = filename or HF_WEIGHTS_NAME
+    return repo, [*_get_safe_alternatives(filename), filename]
+
+
+def cached_openclip_weights(arch: str, tag: str) -> str:
+    """Path of the cached weights of ``arch``/``tag``; never touches the network.
+
+    Raises :class:`ModelError` for an unknown pair or weights that are not cached.
+    """
+    repo, candidates = openclip_hub_files(arch, tag)
+    if repo:
+        from huggingface_hub import try_to_load_from_cache
+
+        for candidate in candidates:
             hit = try_to_load_from_cache(repo, candidate)
             if isinstance(hit, str):
                 return hit
-    url = cfg.get("url", "")
+    url = open_clip.get_pretrained_cfg(arch, tag).get("url", "")
     if url:
         local = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
         if local.is_file():
             return str(local)
     raise ModelError(
         f"weights for openclip:{arch}/{tag} are not cached on this machine and the lab never downloads at run time. "
-        f"On a machine with internet run: python -c \"import open_clip; open_clip.create_model_and_transforms("
-        f"'{arch}', pretrained='{tag}')\" and copy the Hugging Face cache (~/.cache/huggingface) here, or set HF_HOME to it.")
+        f"On a machine with internet run `labkit fetch openclip:{arch}/{tag}` and copy the Hugging Face cache "
+        "(~/.cache/huggingface) here, or set HF_HOME to it.")
 
 
 def _load_openclip(name: str, spec: str, device) -> ClipModel:

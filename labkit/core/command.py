@@ -29,6 +29,7 @@ class Command:
     options: dict[str, dict] = field(default_factory=dict)
     emits_json: bool = True
     fixed: dict = field(default_factory=dict)
+    positional: tuple[str, ...] = ()  # options given without a flag (``labkit fetch NAME``)
     defaults: dict = field(default_factory=dict)
 
     def default(self, name: str):
