@@ -1,10 +1,11 @@
-"""Regenerate README's result tables from the JSON that the lab's commands printed.
+"""Regenerate the result tables of README.md and docs/*.md from the JSON that the lab's commands printed.
 
 Run a command with --json and keep its last line in results/NAME.json, e.g.
     labkit eval clip --json | tail -n 1 > results/eval_clip.json
 then `python scripts/update_readme.py` rewrites every block between
-<!-- results:NAME --> and <!-- /results:NAME --> from results/NAME.json, and redraws the README's
-figures (docs/img) from the same files.
+<!-- results:NAME --> and <!-- /results:NAME --> from results/NAME.json (the README's `summary` block
+from several of them), and redraws the figures in docs/img from the same files. A test checks that
+every block on disk is what this script would write.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def fmt(value) -> str:
 
 
 def key_value_table(data: dict) -> str:
-    rows = [(k, v) for k, v in data.items() if not isinstance(v, (dict, list))]
+    rows = [(k, v) for k, v in data.items() if not isinstance(v, (dict, list)) and k != "out"]
     return "\n".join(["| metric | value |", "|---|---|", *(f"| {k} | {fmt(v)} |" for k, v in rows)])
 
 
@@ -94,12 +95,49 @@ def efficient_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def _load(name: str) -> dict:
+    return json.loads((ROOT / "results" / f"{name}.json").read_text())
+
+
+def summary_table() -> str:
+    """README's headline row per part of the lab, each from its own results file."""
+    clip, masking, study = _load("eval_clip"), _load("bench_masking"), _load("eval_masking")
+    qformer, efficient, tip = _load("eval_qformer"), _load("eval_efficient"), _load("eval_tip")
+    vit = next(m for m in masking["models"] if m["model"] == "ViT-B-32")
+    speed = {(r["strategy"], r["ratio"]): r["speedup"] for r in vit["rows"]}
+    runs = {(r["masking"], r["ratio"]): r for r in study["runs"]}
+    novel = tip["results"]["novel"]
+    rows = [
+        ("toy CLIP", "[docs/clip.md](docs/clip.md)",
+         f"zero-shot shape {fmt(clip['zero_shot_shape_acc'])}, colour {fmt(clip['zero_shot_color_acc'])}; "
+         f"image-to-text R@1 {fmt(clip['retrieval_i2t_r1'])}"),
+        ("FLIP / Cluster Masking", "[docs/masking.md](docs/masking.md)",
+         f"ViT-B-32 vision-tower step at r = 0.75: {fmt(speed[('random', 0.75)])}x (random), "
+         f"{fmt(speed[('cluster', 0.75)])}x (cluster); same budget, shape accuracy "
+         f"{fmt(runs[('cluster', 0.75)]['zero_shot_shape_acc'])} (cluster 0.75) vs "
+         f"{fmt(runs[('none', 0.0)]['zero_shot_shape_acc'])} (no masking)"),
+        ("BLIP-2 Q-Former", "[docs/blip2.md](docs/blip2.md)",
+         f"VQA {fmt(qformer['vqa_accuracy'])}, caption attributes {fmt(qformer['caption_attribute_accuracy'])}, "
+         f"trainable fraction {fmt(qformer['trainable_fraction'])}"),
+        ("EfficientVLM", "[docs/efficientvlm.md](docs/efficientvlm.md)",
+         f"pruned model {fmt(efficient['speedup'])}x faster than the teacher, retention ITM {fmt(efficient['retention_itm'])}, "
+         f"retrieval {fmt(efficient['retention_retrieval'])}"),
+        ("Tip-Adapter", "[docs/tipadapter.md](docs/tipadapter.md)",
+         f"novel shapes: zero-shot {fmt(novel['zero_shot'])} -> {fmt(novel['tip_adapter']['16'])} at 16 shots, no training "
+         f"(Tip-Adapter-F {fmt(novel['tip_adapter_f']['16'])})"),
+    ]
+    return "\n".join(["| part | headline (measured on a 2-core CPU) | details |", "|---|---|---|",
+                       *(f"| {name} | {text} | {link} |" for name, link, text in rows)])
+
+
 RENDERERS = {"eval_efficient": efficient_table, "eval_tip": tip_table, "bench_masking": masking_bench_table,
              "eval_masking": masking_eval_table}
 
 
 def render(name: str) -> str:
-    data = json.loads((ROOT / "results" / f"{name}.json").read_text())
+    if name == "summary":
+        return summary_table()
+    data = _load(name)
     custom = RENDERERS.get(name)
     if custom is not None:
         return custom(data)
@@ -135,23 +173,38 @@ def draw_figures() -> None:
             draw(json.loads(path.read_text())).savefig(ROOT / "docs" / "img" / name, dpi=90, bbox_inches="tight")
 
 
-def main() -> int:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    pattern = re.compile(r"(<!-- results:([\w-]+) -->\n)(.*?)(<!-- /results:\2 -->)", re.S)
-    missing = []
+PATTERN = re.compile(r"(<!-- results:([\w-]+) -->\n)(.*?)(<!-- /results:\2 -->)", re.S)
 
+
+def available(name: str) -> bool:
+    return name == "summary" or (ROOT / "results" / f"{name}.json").is_file()
+
+
+def regenerate(text: str, missing: list | None = None) -> str:
+    """``text`` with every results block rewritten from results/ (blocks without a results file kept)."""
     def replace(match):
         name = match.group(2)
-        if not (ROOT / "results" / f"{name}.json").is_file():
-            missing.append(name)
+        if not available(name):
+            if missing is not None:
+                missing.append(name)
             return match.group(0)
         return match.group(1) + render(name) + "\n" + match.group(4)
 
-    readme.write_text(pattern.sub(replace, text))
+    return PATTERN.sub(replace, text)
+
+
+def documents() -> list[Path]:
+    """README.md and every page under docs/."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def main() -> int:
+    missing: list[str] = []
+    for path in documents():
+        path.write_text(regenerate(path.read_text(), missing))
     draw_figures()
     if missing:
-        print("no results yet for:", ", ".join(missing), file=sys.stderr)
+        print("no results yet for:", ", ".join(sorted(set(missing))), file=sys.stderr)
     return 0
 
 
