@@ -1,30 +1,32 @@
-"""The lab's GPU figures in one prepared run, for a session that is lent a device machine.
+"""The lab's GPU figures in one run: ``python scripts/device_check.py --out DIR`` on a CUDA machine.
 
-Measures what issues 3-7 ask of a GPU and writes one JSON (``--out DIR``: DIR/device_check.json), printing
-a summary as it goes:
+It measures every figure the lab reports for a GPU and writes them to one JSON, ``DIR/device_check.json``,
+printing a summary as it goes (``--only masking,tip`` picks checks; ``--repeats`` sets the timed repeats):
 
-* ``masking``: ``labkit bench masking`` (bf16 autocast on CUDA) at the README's batches (toy 256, ViT-B-32 32)
-  and ViT-B-32 at batch 256, where a GPU is busy enough for fewer tokens to matter;
-* ``blip2``: Q-Former stage-1 and stage-2 (T5) training throughput, and the shipped runs' length at that speed;
+* ``masking``: ``labkit bench masking`` (bf16 autocast on CUDA) at the CPU table's batches (toy 256,
+  ViT-B-32 32) and ViT-B-32 at batch 256, where a GPU is busy enough for fewer tokens to matter;
+* ``blip2``: Q-Former stage-1 and stage-2 (T5) training throughput, and how long the shipped runs would take;
 * ``efficient``: teacher / student / pruned ``match_scores`` time (bf16) on 128 and 1,024 pairs;
 * ``tip``: Tip-Adapter cache build (every class x 16 shots x 10 views) and per-query latency (one query, and 64
-  at once), for the toy CLIP and a randomly initialised ViT-B-32;
-* ``clip``: toy CLIP pretraining throughput and the shipped run's length at that speed (instructor guide).
+  at once), for the toy CLIP and a randomly initialised ViT-B-32 (no weights needed);
+* ``clip``: toy CLIP pretraining throughput and how long the shipped run would take.
 
-The device machine has torch, transformers, timm and matplotlib but not open_clip. Carry it as wheels
-(pip works here, not there), once, in the repository root:
+The shipped runs' batch sizes and flags are read from each checkpoint's ``metadata.json``. Expect a few
+minutes on one modern GPU (an estimate until it has run on one). A GPU table for the docs can then be written
+from the JSON like the CPU tables (``results/`` and ``scripts/update_readme.py``).
 
-    echo /.whl/ >> .git/info/exclude
+On a GPU machine without internet, bring open_clip as wheels (pip on a machine that has internet):
+
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
         --platform manylinux2014_x86_64 -d .whl open_clip_torch==3.3.0 ftfy wcwidth
 
-then one device run (carry [".whl"], timeout_s 540; a few minutes, estimated: it has not run on a GPU yet):
+and install them there before the run:
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \\
-    PYTHONPATH=/tmp/site:. HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 python3 scripts/device_check.py --out $OUT
+    PYTHONPATH=/tmp/site:. HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 python3 scripts/device_check.py --out results/gpu
 
-It runs on a CPU as well: ``LABKIT_FAST=1 python scripts/device_check.py --steps 4 --out /tmp/dc`` is its smoke test
-(``tests/test_scripts.py``); it also ran here with the device image's transformers 5.17.0 and huggingface_hub 1.33.0.
+It runs on a CPU as well: ``LABKIT_FAST=1 python scripts/device_check.py --out DIR`` is its smoke test
+(``tests/test_scripts.py``).
 """
 
 from __future__ import annotations
