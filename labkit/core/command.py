@@ -8,7 +8,9 @@ commands without importing the CLI, which sits above the library.
 from __future__ import annotations
 
 import inspect
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 
@@ -36,3 +38,11 @@ class Command:
         if name in self.defaults:
             return self.defaults[name]
         return inspect.signature(self.function).parameters[name].default
+
+
+def save_json(result: dict, path: str | None) -> dict:
+    """Also write a command's result to ``path`` (its ``--save`` option), creating folders; returns ``result``."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=1))
+    return result

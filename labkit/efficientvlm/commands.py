@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 from labkit.clip.model import load_clip
 from labkit.core.assets import asset_dir
 from labkit.core.checkpoint import invocation
-from labkit.core.command import Command
+from labkit.core.command import Command, save_json
 from labkit.core.train import shorten
 from labkit.efficientvlm.distill import train_student
 from labkit.efficientvlm.eval import eval_efficient, eval_scenes, evaluate_vlm
@@ -64,7 +63,7 @@ def train_vlm(what: str, steps: int | None = None, batch_size: int = 64, lr: flo
                                           recover_steps=recover_steps, **common)
             record["evals"] = [evaluate(model)]
     wall = time.perf_counter() - started
-    out = Path(out) if out else asset_dir(f"efficientvlm/{what}")
+    out = _shipped(what, out)
     history = record["history"]
     meta = {"command": invocation("labkit.efficientvlm.commands.train_vlm", what=what, steps=steps, batch_size=batch_size,
                                   lr=lr, seed=seed, target=target, recover_steps=recover_steps),
@@ -92,10 +91,7 @@ def eval_efficient_command(teacher: str | None = None, student: str | None = Non
     result = eval_efficient(clip_model, *models, sweep_targets=targets, sweep_steps=shorten(sweep_steps, 2),
                             sweep_recover_steps=shorten(sweep_recover_steps, 2), n=shorten(n, 60), bench_batch=bench_batch,
                             repeats=shorten(repeats, 2), progress=progress)
-    if save:
-        Path(save).parent.mkdir(parents=True, exist_ok=True)
-        Path(save).write_text(json.dumps(result, indent=1))
-    return result
+    return save_json(result, save)
 
 
 CKPT = "checkpoint (default: the shipped one)"

@@ -3,28 +3,18 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from labkit.clip.commands import train_clip
-from labkit.core.command import Command
+from labkit.core.command import Command, save_json
 from labkit.masking.bench import bench_masking
 from labkit.masking.masks import STRATEGIES, masking_hook
 from labkit.masking.openclip_train import make_dataset
 from labkit.masking.study import eval_masking
 
 
-def _save_json(result: dict, path: str | None) -> dict:
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(result, indent=1))
-    return result
-
-
 def bench_masking_command(models: str = "toy,ViT-B-32", toy_batch: int = 256, vit_batch: int = 32, warmup: int = 2,
                           repeats: int = 7, threads: int = 0, save: str | None = None) -> dict:
     """:func:`labkit.masking.bench.bench_masking` on comma-separated ``models``; also written to ``save``."""
-    return _save_json(bench_masking(models=tuple(models.split(",")), toy_batch=toy_batch, vit_batch=vit_batch,
+    return save_json(bench_masking(models=tuple(models.split(",")), toy_batch=toy_batch, vit_batch=vit_batch,
                                     warmup=warmup, repeats=repeats, threads=threads), save)
 
 
@@ -32,7 +22,7 @@ def eval_masking_command(budget_s: float = 450.0, ratio: float = 0.5,
                          variants: str = "none,random,cluster,random:0.75,cluster:0.75", batch_size: int = 128,
                          seed: int = 0, threads: int = 0, save: str | None = None, progress: bool = True) -> dict:
     """:func:`labkit.masking.study.eval_masking` on comma-separated ``variants``; also written to ``save``."""
-    return _save_json(eval_masking(budget_s=budget_s, ratio=ratio, variants=tuple(variants.split(",")),
+    return save_json(eval_masking(budget_s=budget_s, ratio=ratio, variants=tuple(variants.split(",")),
                                    batch_size=batch_size, seed=seed, threads=threads, progress=progress), save)
 
 
