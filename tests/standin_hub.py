@@ -65,3 +65,23 @@ def write_blip2(cache_dir: str | os.PathLike, repo_id: str = "Salesforce/blip2-o
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         return add_to_cache(cache_dir, repo_id, tmp)
+
+
+def write_openclip(cache_dir: str | os.PathLike, arch: str = "ViT-B-32", tag: str = "laion2b_s34b_b79k",
+                   seed: int = 0) -> Path:
+    """open_clip's ``arch`` with random-init weights under the repository and file name its ``tag`` names."""
+    import json
+
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    from labkit.clip.model import openclip_hub_files
+
+    repo, candidates = openclip_hub_files(arch, tag)
+    torch.manual_seed(seed)
+    model = open_clip.create_model(arch)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(tmp, candidates[0]))
+        Path(tmp, "open_clip_config.json").write_text(json.dumps({"model_cfg": open_clip.get_model_config(arch)}))
+        return add_to_cache(cache_dir, repo, tmp)

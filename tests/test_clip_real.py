@@ -1,0 +1,64 @@
+"""A real open_clip tag through the lab on stand-in weights: random-init ViT-B-32 under the repository and file
+name of ``laion2b_s34b_b79k`` in a Hugging Face cache laid out as the hub client writes it. ``load_clip``, its
+224 px preprocessing, a Tip-Adapter cache, masking installed into the tower, and the web demo's model list all
+go through the same code a real download would."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from standin_hub import write_openclip  # noqa: E402
+
+NAME = "openclip:ViT-B-32/laion2b_s34b_b79k"
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    import huggingface_hub.constants
+
+    cache = tmp_path_factory.mktemp("hub")
+    write_openclip(cache)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    yield cache
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def clip(hub):
+    from labkit.clip.model import load_clip
+
+    return load_clip(NAME, device="cpu")
+
+
+def test_load_clip_finds_the_cached_tag_and_preprocesses_at_224(clip):
+    import numpy as np
+    from PIL import Image
+
+    assert clip.image_size == 224 and clip.embed_dim == 512
+    photo = Image.fromarray((np.random.default_rng(0).random((300, 200, 3)) * 255).astype(np.uint8))
+    assert tuple(clip.preprocess(photo).shape) == (3, 224, 224)
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)  # ToyWorld's size: resized on the way in
+    features = clip.encode_image(images)
+    assert features.shape == (2, 512) and torch.allclose(features.norm(dim=-1), torch.ones(2), atol=1e-4)
+
+
+def test_tip_adapter_cache_and_masking_on_the_real_architecture(clip):
+    from labkit.masking.masks import PatchMasking, install
+    from labkit.tipadapter.cache import build_cache
+
+    images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    cache = build_cache(clip, images, torch.tensor([0, 0, 1, 1]), ["circle", "square"], n_views=1)
+    assert cache.keys.shape == (4, 512) and cache.values.shape == (4, 2)
+    install(clip.model, "cluster", 0.5)
+    assert isinstance(clip.model.visual.patch_dropout, PatchMasking)
+    install(clip.model, "none", 0.0)
+
+
+def test_the_web_demo_offers_the_cached_tag(hub):
+    from app.main import available_models
+
+    assert NAME in available_models()
