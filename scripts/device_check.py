@@ -12,8 +12,11 @@ printing a summary as it goes (``--only masking,tip`` picks checks; ``--repeats`
 * ``clip``: toy CLIP pretraining throughput and how long the shipped run would take.
 
 The shipped runs' batch sizes and flags are read from each checkpoint's ``metadata.json``. Expect a few
-minutes on one modern GPU (an estimate until it has run on one). A GPU table for the docs can then be written
-from the JSON like the CPU tables (``results/`` and ``scripts/update_readme.py``).
+minutes on one modern GPU (an estimate until it has run on one). To turn the run into a table, copy
+``DIR/device_check.json`` to ``results/device_check.json``, put an empty block
+``<!-- results:device_check -->`` / ``<!-- /results:device_check -->`` where the table belongs in a page under
+``docs/``, and run ``python scripts/update_readme.py``: it writes the masking bench as its usual table and every
+other measurement as a row.
 
 On a GPU machine without internet, bring open_clip as wheels (pip on a machine that has internet):
 
@@ -26,7 +29,8 @@ and install them there before the run:
     PYTHONPATH=/tmp/site:. HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 python3 scripts/device_check.py --out results/gpu
 
 It runs on a CPU as well: ``LABKIT_FAST=1 python scripts/device_check.py --out DIR`` is its smoke test
-(``tests/test_scripts.py``).
+(``tests/test_scripts.py``; several minutes on a 2-core CPU, and its figures are smoke-test sizes, not
+measurements).
 """
 
 from __future__ import annotations

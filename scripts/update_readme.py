@@ -50,9 +50,10 @@ def masking_bench_table(data: dict) -> str:
                          f"{fmt(row['amdahl_ideal'])} | {fmt(row['of_amdahl'])} | "
                          f"{fmt(row['kept_token_fraction'])} | {fmt(row['amdahl_ideal_kept_tokens'])} | "
                          f"{fmt(row['of_amdahl_kept_tokens'])} |")
-    lines.append("")
-    lines.append("Targets: " + ", ".join(f"{k} = {fmt(v['value'])} ({'met' if v['met'] else 'not met'})"
-                                         for k, v in data["targets"].items()))
+    if data.get("targets"):
+        lines.append("")
+        lines.append("Targets: " + ", ".join(f"{k} = {fmt(v['value'])} ({'met' if v['met'] else 'not met'})"
+                                             for k, v in data["targets"].items()))
     return "\n".join(lines)
 
 
@@ -95,6 +96,30 @@ def efficient_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def _flatten(value, prefix: str = "") -> list[tuple[str, object]]:
+    if isinstance(value, dict):
+        return [row for k, v in value.items() for row in _flatten(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+        return [row for i, v in enumerate(value) for row in _flatten(v, f"{prefix}[{i}]")]
+    return [(prefix, ", ".join(map(fmt, value)) if isinstance(value, list) else value)]
+
+
+def device_check_table(data: dict) -> str:
+    """results/device_check.json, the JSON of scripts/device_check.py: the masking bench as its usual table
+    (one per batch setting), every other check as measurement / value rows."""
+    lines = [f"Device: {data.get('device')}, torch {data.get('torch')}"
+             + (" (fast mode: smoke-test sizes, not figures)" if data.get("fast_mode") else ""), ""]
+    masking = data.get("masking", {})
+    for setting, report in masking.items():
+        if isinstance(report, dict) and "models" in report:
+            lines += [f"Masking, {setting} ({report.get('dtype')}):", "", masking_bench_table(report), ""]
+    rows = [(k, v) for k, v in _flatten({k: v for k, v in data.items()
+                                         if k not in ("device", "torch", "fast_mode")})
+            if not (k.startswith("masking.") and "models" in masking.get(k.split(".")[1], {}))]
+    lines += ["| measurement | value |", "|---|---|", *(f"| {k} | {fmt(v)} |" for k, v in rows)]
+    return "\n".join(lines)
+
+
 def _load(name: str) -> dict:
     return json.loads((ROOT / "results" / f"{name}.json").read_text())
 
@@ -131,13 +156,15 @@ def summary_table() -> str:
 
 
 RENDERERS = {"eval_efficient": efficient_table, "eval_tip": tip_table, "bench_masking": masking_bench_table,
-             "eval_masking": masking_eval_table}
+             "eval_masking": masking_eval_table, "device_check": device_check_table}
 
 
 def render(name: str) -> str:
-    if name == "summary":
-        return summary_table()
-    data = _load(name)
+    """The body of block ``name``: the summary, or a table of results/NAME.json."""
+    return summary_table() if name == "summary" else render_data(name, _load(name))
+
+
+def render_data(name: str, data: dict) -> str:
     custom = RENDERERS.get(name)
     if custom is not None:
         return custom(data)

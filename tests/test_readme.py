@@ -60,3 +60,18 @@ def test_pages_speak_to_users(page):
 def test_relative_links_resolve(page):
     for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text()):
         assert (page.parent / target).exists(), f"{page.name} links to missing {target}"
+
+
+def test_a_device_check_json_becomes_a_table():
+    module = _update_readme()
+    row = {"strategy": "none", "ratio": 0.0, "images_per_s": 900.0, "speedup": 1.0, "ideal": 1.0, "amdahl_ideal": 1.0,
+           "of_amdahl": 1.0, "kept_token_fraction": 1.0, "amdahl_ideal_kept_tokens": 1.0, "of_amdahl_kept_tokens": 1.0}
+    bench = {"model": "toy", "batch": 256, "rows": [row]}
+    data = {"device": "NVIDIA H200", "torch": "2.x", "fast_mode": False,
+            "masking": {"readme_batches": {"dtype": "bf16", "models": [bench], "targets": {}}}, "masking_wall_s": 60.0,
+            "tip": {"toy": {"cache_build_ms": 12.5, "query_ms": 0.8}}, "clip": {"error": "RuntimeError: out of memory"}}
+    table = module.render_data("device_check", data)
+    assert "Device: NVIDIA H200" in table and "| toy | 256 | none | 0.0 |" in table
+    assert "| tip.toy.query_ms | 0.800 |" in table and "| clip.error | RuntimeError: out of memory |" in table
+    assert "masking.readme_batches" not in table
+
