@@ -19,6 +19,7 @@ from torch import nn
 
 from labkit.blip2.lm import TextBatch, check_lm_kind
 from labkit.clip.model import ClipModel, load_clip
+from labkit.clip.pretrain import PretrainBatches
 from labkit.core.device import get_device
 from labkit.data import toyworld as tw
 from labkit.data.tokenizer import EOT, SOT, WordTokenizer, toyworld_vocabulary
@@ -174,8 +175,6 @@ class Stage1Batches:
     """
 
     def __init__(self, encoder: FrozenPatchEncoder, clip: ClipModel, batch_size: int = 64, seed: int = 0):
-        from labkit.clip.pretrain import PretrainBatches
-
         self.encoder, self.tok = encoder, tokenizer()
         self.sampler = PretrainBatches(clip, batch_size, caption_drop=0.0, seed=seed + 3, vary=("shape", "color"))
 

@@ -6,6 +6,7 @@ import time
 
 from labkit.clip.eval import evaluate_clip
 from labkit.clip.model import load_clip, save_local_dir
+from labkit.clip.pretrain import train_toy_clip
 from labkit.core.assets import asset_dir
 from labkit.core.checkpoint import invocation
 from labkit.core.command import Command
@@ -19,8 +20,6 @@ def train_clip(steps: int = 2800, batch_size: int = 128, lr: float = 1e-3, seed:
 
     ``vision_hook`` changes the vision tower before training (e.g. masking, see ``labkit train masked-clip``).
     """
-    from labkit.clip.pretrain import train_toy_clip
-
     started = time.perf_counter()
     clip, record = train_toy_clip(steps=steps, batch_size=batch_size, out_dir=work_dir, seed=seed, lr=lr,
                                   eval_every=eval_every, eval_n=eval_n, vision_hook=vision_hook, progress=progress)

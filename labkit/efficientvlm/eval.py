@@ -11,6 +11,7 @@ from labkit.clip.model import ClipModel
 from labkit.core.device import synchronize
 from labkit.data import toyworld as tw
 from labkit.efficientvlm.model import ToyVLM, trim_padding
+from labkit.efficientvlm.prune import Gates, prune_student
 
 
 def eval_scenes(clip: ClipModel, n: int = 1000, split: str = "test", seed: int = 0):
@@ -121,8 +122,6 @@ def eval_efficient(clip: ClipModel, teacher: ToyVLM, student: ToyVLM, pruned: To
     model's recipe at a smaller budget). ``retention_retrieval`` is the ITC zero-shot R@1 relative to
     the teacher; ``retention_retrieval_rerank`` the same under the paper's ITM re-ranking of the top ``rerank_k``.
     """
-    from labkit.efficientvlm.prune import Gates, prune_student
-
     if rerank_k < 1:
         raise ValueError(f"rerank_k must be >= 1: eval_efficient reports re-ranked retrieval, got {rerank_k}")
     data = eval_scenes(clip, n)

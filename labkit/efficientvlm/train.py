@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from labkit.clip.model import ClipModel
 from labkit.clip.pretrain import PretrainBatches
 from labkit.core.train import TrainConfig, fit, shorten
-from labkit.efficientvlm.model import PAD_ID, ToyVLM, VLMOutput, trim_padding
+from labkit.efficientvlm.model import PAD_ID, ToyVLM, VLMConfig, VLMOutput, trim_padding
 
 MLM_PROB = 0.25
 FAST_STEPS = 3  # each EfficientVLM training loop in fast mode (LABKIT_FAST=1)
@@ -126,8 +126,6 @@ def train_teacher(clip: ClipModel, steps: int, batch_size: int = 64, lr: float =
                   out_dir: str | None = None, evaluate=None, progress: bool = True, new_lr_factor: float = 10.0,
                   **cfg_overrides) -> tuple[ToyVLM, dict]:
     """X-VLM-style pretraining of the teacher: towers from the toy CLIP (``lr``), new fusion and heads (``lr x 10``)."""
-    from labkit.efficientvlm.model import VLMConfig
-
     torch.manual_seed(seed)
     model = ToyVLM.from_toy_clip(clip.model, VLMConfig(**cfg_overrides)).to(clip.device)
     new = ("encoders.fusion", "ln_fusion", "itm_head", "mlm_head")  # random init: a larger learning rate
