@@ -1,26 +1,30 @@
-"""``labkit bench app``: a class of students hitting the Tip-Adapter demo at once.
+"""``labkit bench app``: a class of students hitting the demo's Tip-Adapter tab at once.
 
-The app runs in its own process (``python -m app.main``) on 127.0.0.1, exactly as ``labkit app``
-serves it. ``n_clients`` gradio_client sessions (one per simulated student) each build a cache from a
-built-in task, then all ``n_requests`` classify requests are submitted at once (each uploads its query
-image) and their latencies are measured from submission to result. A request counts as an error if
-it raises or if the app answers with a message instead of a prediction.
+The app runs in its own process (``python -m app.main``) on 127.0.0.1, exactly as ``labkit app`` serves
+it; the load generator (:mod:`app.loadgen`, light simulated browser sessions) runs in this process on
+the same machine. ``n_clients`` students each build a cache from a built-in task (their own session
+state), then all ``n_requests`` classify requests are submitted at once, each uploading its query
+image, and their latencies are measured from submission (upload included) to result. A request counts
+as an error if it fails or if the app answers with a message instead of a prediction. Two more
+measurements show what batching buys: ``BATCH_PROBE`` requests one after another (each waits for the
+previous) versus the same number at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+BATCH_PROBE = 32
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -50,16 +54,79 @@ def _percentile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
-def bench_app(n_requests: int = 200, n_clients: int = 20, model: str = "toy", task: str = "ToyWorld shapes",
-              shots: int = 4, alpha: float = 5.0, beta: float = 5.0, host: str = "127.0.0.1",
-              timeout_s: float = 300.0) -> dict:
-    """Launch the app, fire ``n_requests`` concurrent classify requests, report latency and errors."""
-    from gradio_client import Client, handle_file
+def _query_images(directory: Path) -> list[str]:
     from PIL import Image
 
-    from labkit.data import toyworld as tw
+    from labkit.tipadapter.eval import task_data
 
-    from .main import CONCURRENCY, MAX_BATCH, QUEUE_SIZE, SOURCES
+    images = task_data("novel", "test", 8)[0]
+    paths = []
+    for i, img in enumerate(images):
+        paths.append(str(directory / f"query_{i}.png"))
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(paths[-1])
+    return paths
+
+
+async def _load(url: str, queries: list[str], n_requests: int, n_clients: int, model: str, task: str, shots: int,
+                timeout_s: float) -> dict:
+    from .loadgen import Student
+    from .tipadapter_tab import SOURCES
+
+    students = [await Student.connect(url) for _ in range(n_clients)]
+    try:
+        build_s = []
+        for s in students:  # every student builds a cache (its own session state)
+            t0 = time.perf_counter()
+            out = await s.call("build_cache", None, model, SOURCES[0], task, shots, *[""] * 6, *[None] * 6)
+            build_s.append(time.perf_counter() - t0)
+            if "Cache built" not in str(out[1]):
+                raise RuntimeError(f"building a cache failed: {out[1]}")
+        log_alpha, beta = out[4], out[5]  # the validation search's choice, as the page sets it
+
+        async def classify(s, path) -> tuple[float, str | None]:
+            t0 = time.perf_counter()
+            try:
+                out = await s.call("classify", None, await s.upload(path), log_alpha, beta)
+                err = None if str(out[3]).startswith("Prediction") else f"app message: {out[3]}"
+            except Exception as e:  # noqa: BLE001 - every failure is counted and reported
+                err = f"{type(e).__name__}: {e}"
+            return time.perf_counter() - t0, err
+
+        await classify(students[0], queries[0])  # warm-up
+        t_seq = time.perf_counter()
+        for i in range(BATCH_PROBE):
+            await classify(students[0], queries[i % len(queries)])
+        sequential_rps = BATCH_PROBE / (time.perf_counter() - t_seq)
+        t_probe = time.perf_counter()
+        await asyncio.gather(*[classify(students[i % n_clients], queries[i % len(queries)]) for i in range(BATCH_PROBE)])
+        burst_rps = BATCH_PROBE / (time.perf_counter() - t_probe)
+
+        t_burst = time.perf_counter()
+        jobs = [classify(students[i % n_clients], queries[i % len(queries)]) for i in range(n_requests)]
+        try:
+            results = await asyncio.wait_for(asyncio.gather(*jobs), timeout_s)
+        except asyncio.TimeoutError:
+            results = [(timeout_s, f"timed out after {timeout_s:.0f} s")] * n_requests
+        wall = time.perf_counter() - t_burst
+    finally:
+        for s in students:
+            await s.close()
+    latencies = [t for t, _ in results]
+    failures = [e for _, e in results if e]
+    return {"errors": len(failures), "error_examples": sorted(set(failures))[:3],
+            "p50_latency_s": round(statistics.median(latencies), 3),
+            "p95_latency_s": round(_percentile(latencies, 0.95), 3), "max_latency_s": round(max(latencies), 3),
+            "throughput_rps": round(n_requests / wall, 1), "burst_wall_s": round(wall, 2),
+            "sequential_rps": round(sequential_rps, 1), f"burst{BATCH_PROBE}_rps": round(burst_rps, 1),
+            "batching_gain": round(burst_rps / sequential_rps, 2),
+            "build_cache_median_s": round(statistics.median(build_s), 3)}
+
+
+def bench_app(n_requests: int = 200, n_clients: int = 20, model: str = "toy", task: str = "ToyWorld novel shapes",
+              shots: int = 4, host: str = "127.0.0.1", timeout_s: float = 300.0) -> dict:
+    """Launch the app, fire ``n_requests`` concurrent classify requests from ``n_clients`` students, report
+    latency, errors and what batching buys."""
+    from .common import CONCURRENCY, MAX_BATCH, QUEUE_SIZE
 
     if n_requests < 1 or n_clients < 1:
         raise ValueError(f"n_requests and n_clients must be positive, got {n_requests}, {n_clients}")
@@ -76,49 +143,8 @@ def bench_app(n_requests: int = 200, n_clients: int = 20, model: str = "toy", ta
         t_start = time.perf_counter()
         wait_until_up(url, proc, log_path=log_path)
         startup_s = time.perf_counter() - t_start
-        data = tw.TaskDataset("shape", "test", seed=3, size=8)
-        queries = []
-        for i in range(len(data)):
-            path = Path(tmp.name) / f"query_{i}.png"
-            Image.fromarray(data[i][0].permute(1, 2, 0).numpy()).save(path)
-            queries.append(str(path))
-        clients = [Client(url, verbose=False, download_files=False, analytics_enabled=False) for _ in range(n_clients)]
-        build_s = []
-        for c in clients:  # every student builds a cache (its own session state)
-            t0 = time.perf_counter()
-            status = c.predict(model, SOURCES[0], task, shots, *[""] * 6, *[None] * 6, api_name="/build_cache")[0]
-            build_s.append(time.perf_counter() - t0)
-            if "Cache built" not in status:
-                raise RuntimeError(f"building a cache failed: {status}")
-        clients[0].predict(handle_file(queries[0]), alpha, beta, api_name="/classify")  # warm-up
-
-        latencies, failures, lock, done = [], [], threading.Lock(), threading.Event()
-
-        def finished(job, t0):
-            try:
-                out = job.result()
-                ok = isinstance(out, (list, tuple)) and str(out[5]).startswith("Prediction")
-                err = None if ok else f"app message: {out[5] if isinstance(out, (list, tuple)) else out}"
-            except Exception as e:  # noqa: BLE001 - every failure is counted and reported
-                err = f"{type(e).__name__}: {e}"
-            with lock:
-                latencies.append(time.perf_counter() - t0)
-                if err:
-                    failures.append(err)
-                if len(latencies) == n_requests:
-                    done.set()
-
-        t_burst = time.perf_counter()
-        for i in range(n_requests):
-            t0 = time.perf_counter()
-            job = clients[i % n_clients].submit(handle_file(queries[i % len(queries)]), alpha, beta,
-                                                api_name="/classify")
-            job.add_done_callback(lambda j, t0=t0: finished(j, t0))
-        if not done.wait(timeout_s):
-            failures.append(f"timed out: {n_requests - len(latencies)} requests unanswered after {timeout_s:.0f} s")
-        wall = time.perf_counter() - t_burst
-        for c in clients:
-            c.close()
+        result = asyncio.run(_load(url, _query_images(Path(tmp.name)), n_requests, n_clients, model, task, shots,
+                                   timeout_s))
     finally:
         proc.terminate()
         try:
@@ -126,11 +152,6 @@ def bench_app(n_requests: int = 200, n_clients: int = 20, model: str = "toy", ta
         except subprocess.TimeoutExpired:
             proc.kill()
         tmp.cleanup()
-    return {"model": model, "n_requests": n_requests, "n_clients": n_clients, "errors": len(failures),
-            "error_examples": sorted(set(failures))[:3],
-            "p50_latency_s": round(statistics.median(latencies), 3) if latencies else None,
-            "p95_latency_s": round(_percentile(latencies, 0.95), 3) if latencies else None,
-            "max_latency_s": round(max(latencies), 3) if latencies else None,
-            "throughput_rps": round(len(latencies) / wall, 1), "burst_wall_s": round(wall, 2),
-            "build_cache_median_s": round(statistics.median(build_s), 3), "startup_s": round(startup_s, 1),
+    return {"model": model, "task": task, "n_requests": n_requests, "n_clients": n_clients, **result,
+            "startup_s": round(startup_s, 1), "cpu_count": os.cpu_count(),
             "server": {"queue_max_size": QUEUE_SIZE, "concurrency_limit": CONCURRENCY, "max_batch_size": MAX_BATCH}}

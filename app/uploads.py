@@ -1,9 +1,12 @@
-"""Uploads of the Tip-Adapter demo: decode, check and convert user images, with a clear error for each bad input.
+"""Uploads of the demo: decode, check and convert user images, with a clear error for each bad input.
 
-Grayscale, palette, 16-bit and transparent images are converted; corrupt files, non-images, files
-over the size limit and decompression bombs are rejected with a message naming the file; classes
-with no images, empty or duplicate names and more shots than images are rejected before any
-encoding, so a bad upload never replaces a working cache.
+Grayscale, palette, 16-bit and transparent images are converted; corrupt files, non-images and
+decompression bombs are rejected with a message naming the file. In a support set, a file over the
+per-image limit is skipped and named while the class keeps its valid files; classes with no images,
+empty or duplicate names and more shots than images are rejected before any encoding, so a bad
+upload never replaces a working cache. The server's own upload cap (``UPLOAD_LIMIT``, checked by
+Gradio before a file is sent) is larger than the per-image limit so that one big photo does not make
+the browser drop the other files picked with it.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from labkit.tipadapter import cache as tip
 
 MAX_SHOTS = 16
 MAX_FILES_PER_CLASS = 32
-MAX_FILE_SIZE = "5mb"
+MAX_FILE_SIZE = "5mb"  # per image, checked here (named in the message)
 MAX_FILE_BYTES = 5 * 1024 * 1024
+UPLOAD_LIMIT = "25mb"  # per file, checked by Gradio before the upload
 MAX_PIXELS = 40_000_000  # bigger decoded images are rejected (decompression bombs)
 WORK_SIDE = 512  # larger images are downscaled to this longest side right after decoding
 
@@ -71,31 +75,43 @@ def to_tensor(img: Image.Image, size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(square, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-def support_from_uploads(names, files, shots: int, size: int) -> tuple[torch.Tensor, torch.Tensor, tuple]:
-    """Support images ``[N*shots, 3, S, S]``, labels and class names from per-class name boxes and uploads.
+def _file_size(path) -> int:
+    try:
+        return os.path.getsize(path)
+    except (OSError, TypeError):
+        return 0  # load_image names the unreadable file
 
-    Slots with neither a name nor files are ignored; every other bad input raises ValueError.
+
+def support_from_uploads(names, files, shots: int, size: int) -> tuple[torch.Tensor, torch.Tensor, tuple, list[str]]:
+    """Support images ``[N*shots, 3, S, S]``, labels, class names and the names of skipped files.
+
+    Slots with neither a name nor files are ignored; files over ``MAX_FILE_SIZE`` are skipped (and
+    returned by name) while the class keeps its other files; every other bad input raises ValueError.
     """
     if not 1 <= int(shots) <= MAX_SHOTS:
         raise ValueError(f"shots must be between 1 and {MAX_SHOTS}, got {shots}")
-    classes = []
+    classes, skipped = [], []
     for slot, (name, paths) in enumerate(zip(names, files, strict=False), 1):
         name, paths = (name or "").strip(), [p for p in (paths or []) if p]
         if not name and not paths:
             continue
+        big = [p for p in paths if _file_size(p) > MAX_FILE_BYTES]
+        skipped += [f"{os.path.basename(str(p))} ({_file_size(p) / 2**20:.1f} MB)" for p in big]
+        paths = [p for p in paths if p not in big]
         if not name:
             raise ValueError(f"class slot {slot} has images but an empty name; type a class name")
         if not paths:
-            raise ValueError(f"class {name!r} has no images; upload at least {shots}")
+            raise ValueError(f"class {name!r} has no usable images; upload at least {shots} "
+                             f"(up to {MAX_FILE_SIZE} each)" + (f"; skipped: {', '.join(skipped)}" if big else ""))
         if len(paths) > MAX_FILES_PER_CLASS:
             raise ValueError(f"class {name!r} has {len(paths)} images; at most {MAX_FILES_PER_CLASS} per class")
         if len(paths) < shots:
-            raise ValueError(f"class {name!r} has {len(paths)} image(s), fewer than shots={shots}; "
-                             "lower the shots or upload more")
+            raise ValueError(f"class {name!r} has {len(paths)} usable image(s), fewer than shots={shots}; "
+                             "lower the shots or upload more" + (f" (skipped: {', '.join(skipped)})" if big else ""))
         classes.append((name, paths[: int(shots)]))
     if len(classes) < 2:
         raise ValueError(f"Tip-Adapter needs at least 2 classes with images, got {len(classes)}")
     classnames = tip.check_classnames([c for c, _ in classes])
     images = [to_tensor(load_image(p), size) for _, paths in classes for p in paths]
     labels = torch.arange(len(classes)).repeat_interleave(int(shots))
-    return torch.stack(images), labels, classnames
+    return torch.stack(images), labels, classnames, skipped

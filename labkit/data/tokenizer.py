@@ -57,6 +57,10 @@ class WordTokenizer:
         unk = self.ids[UNK]
         return [self.ids.get(w, unk) for w in _TOKEN_RE.findall(text.lower())]
 
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of ``text`` outside the vocabulary (each would become ``<unk>``)."""
+        return [w for w in _TOKEN_RE.findall(text.lower()) if w not in self.ids]
+
     def decode(self, ids) -> str:
         special = {self.ids[PAD], self.ids[SOT], self.ids[EOT]}
         return " ".join(self.words[int(i)] for i in ids if int(i) not in special)

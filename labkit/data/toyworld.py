@@ -215,6 +215,27 @@ def _check_split(split: str) -> None:
         raise ValueError(f"unknown ToyWorld split {split!r}; accepted: {', '.join(SPLITS)}")
 
 
+def compose_scene(objects, background: tuple[int, int, int] = (120, 120, 120)) -> Scene:
+    """A scene from chosen ``(shape, color, size, position)`` objects, each centred in its grid cell.
+
+    Raises ValueError naming what is unknown, or when two objects share a position.
+    """
+    if not 1 <= len(objects) <= len(POSITIONS):
+        raise ValueError(f"a scene holds 1 to {len(POSITIONS)} objects, got {len(objects)}")
+    cell, built = IMAGE_SIZE / 3, []
+    for shape, color, size, position in objects:
+        for value, accepted, what in ((shape, BASE_SHAPES + NOVEL_SHAPES, "shape"), (color, tuple(COLORS), "colour"),
+                                      (size, tuple(SIZES), "size"), (position, POSITIONS, "position")):
+            if value not in accepted:
+                raise ValueError(f"unknown {what} {value!r}; accepted: {', '.join(accepted)}")
+        row, col = divmod(POSITIONS.index(position), 3)
+        built.append(ToyObject(shape, color, size, position, cx=cell * (col + 0.5), cy=cell * (row + 0.5)))
+    positions = [o.position for o in built]
+    if len(set(positions)) != len(positions):
+        raise ValueError("two objects share a position; give each object its own place")
+    return Scene(tuple(sorted(built, key=lambda o: POSITIONS.index(o.position))), background, "plain", 0)
+
+
 def sample_scene(rng: np.random.Generator, split: str, n_objects: int) -> Scene:
     """Draw one scene of ``split`` with ``n_objects`` objects."""
     pool = NOVEL_SHAPES if split == "novel" else BASE_SHAPES
