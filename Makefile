@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 lab: $(STAMP)  ## JupyterLab on notebooks/
 	$(BIN)/jupyter lab notebooks
 
-app: $(STAMP)  ## the Tip-Adapter web demo on the embedded default
+app: $(STAMP)  ## the classroom demo (every method, one tab each) on the embedded default
 	$(BIN)/labkit app
 
 test: $(STAMP)  ## everything CI runs: lint, unit tests, every notebook in fast mode

@@ -1,1 +1,1 @@
-"""The lab's Gradio Tip-Adapter demo: ``from app.main import build_demo``."""
+"""The lab's Gradio classroom demo, one tab per method: ``from app.main import build_demo``."""

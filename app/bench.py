@@ -7,7 +7,8 @@ state), then all ``n_requests`` classify requests are submitted at once, each up
 image, and their latencies are measured from submission (upload included) to result. A request counts
 as an error if it fails or if the app answers with a message instead of a prediction. Two more
 measurements show what batching buys: ``BATCH_PROBE`` requests one after another (each waits for the
-previous) versus the same number at once.
+previous) versus the same number at once (medians of ``PROBE_REPEATS``). The server's and the load
+generator's CPU time per request during the main burst say where the machine's time went.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH_PROBE = 32
+PROBE_REPEATS = 3
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -49,6 +51,15 @@ def wait_until_up(url: str, proc: subprocess.Popen | None = None, timeout: float
     raise RuntimeError(f"the app at {url} did not come up within {timeout:.0f} s")
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of process ``pid`` (Linux ``/proc``; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
 def _percentile(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
@@ -67,8 +78,8 @@ def _query_images(directory: Path) -> list[str]:
     return paths
 
 
-async def _load(url: str, queries: list[str], n_requests: int, n_clients: int, model: str, task: str, shots: int,
-                timeout_s: float) -> dict:
+async def _load(url: str, server_pid: int, queries: list[str], n_requests: int, n_clients: int, model: str, task: str,
+                shots: int, timeout_s: float) -> dict:
     from .loadgen import Student
     from .tipadapter_tab import SOURCES
 
@@ -93,14 +104,19 @@ async def _load(url: str, queries: list[str], n_requests: int, n_clients: int, m
             return time.perf_counter() - t0, err
 
         await classify(students[0], queries[0])  # warm-up
-        t_seq = time.perf_counter()
-        for i in range(BATCH_PROBE):
-            await classify(students[0], queries[i % len(queries)])
-        sequential_rps = BATCH_PROBE / (time.perf_counter() - t_seq)
-        t_probe = time.perf_counter()
-        await asyncio.gather(*[classify(students[i % n_clients], queries[i % len(queries)]) for i in range(BATCH_PROBE)])
-        burst_rps = BATCH_PROBE / (time.perf_counter() - t_probe)
+        sequential, burst = [], []
+        for _ in range(PROBE_REPEATS):  # medians of a few repeats: one probe lasts well under a second
+            t0 = time.perf_counter()
+            for i in range(BATCH_PROBE):
+                await classify(students[0], queries[i % len(queries)])
+            sequential.append(BATCH_PROBE / (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            await asyncio.gather(*[classify(students[i % n_clients], queries[i % len(queries)])
+                                   for i in range(BATCH_PROBE)])
+            burst.append(BATCH_PROBE / (time.perf_counter() - t0))
+        sequential_rps, burst_rps = statistics.median(sequential), statistics.median(burst)
 
+        server_cpu, client_cpu = _cpu_seconds(server_pid), time.process_time()
         t_burst = time.perf_counter()
         jobs = [classify(students[i % n_clients], queries[i % len(queries)]) for i in range(n_requests)]
         try:
@@ -108,6 +124,8 @@ async def _load(url: str, queries: list[str], n_requests: int, n_clients: int, m
         except asyncio.TimeoutError:
             results = [(timeout_s, f"timed out after {timeout_s:.0f} s")] * n_requests
         wall = time.perf_counter() - t_burst
+        client_cpu = time.process_time() - client_cpu
+        server_cpu = None if server_cpu is None else _cpu_seconds(server_pid) - server_cpu
     finally:
         for s in students:
             await s.close()
@@ -119,6 +137,8 @@ async def _load(url: str, queries: list[str], n_requests: int, n_clients: int, m
             "throughput_rps": round(n_requests / wall, 1), "burst_wall_s": round(wall, 2),
             "sequential_rps": round(sequential_rps, 1), f"burst{BATCH_PROBE}_rps": round(burst_rps, 1),
             "batching_gain": round(burst_rps / sequential_rps, 2),
+            "server_cpu_ms_per_request": None if server_cpu is None else round(1000 * server_cpu / n_requests, 1),
+            "load_generator_cpu_ms_per_request": round(1000 * client_cpu / n_requests, 1),
             "build_cache_median_s": round(statistics.median(build_s), 3)}
 
 
@@ -143,7 +163,7 @@ def bench_app(n_requests: int = 200, n_clients: int = 20, model: str = "toy", ta
         t_start = time.perf_counter()
         wait_until_up(url, proc, log_path=log_path)
         startup_s = time.perf_counter() - t_start
-        result = asyncio.run(_load(url, _query_images(Path(tmp.name)), n_requests, n_clients, model, task, shots,
+        result = asyncio.run(_load(url, proc.pid, _query_images(Path(tmp.name)), n_requests, n_clients, model, task, shots,
                                    timeout_s))
     finally:
         proc.terminate()

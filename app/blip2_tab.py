@@ -39,7 +39,7 @@ def check_question(question: str) -> str:
         raise ValueError("type a question, e.g. 'what color is the circle?'")
     unknown = tokenizer().unknown_words(question)
     if unknown:
-        raise ValueError(f"the toy LM's vocabulary has no word {', '.join(repr(w) for w in unknown)}; it knows "
+        raise ValueError(f"the toy LM does not know {', '.join(repr(w) for w in unknown)}; it knows "
                          f"shapes ({', '.join(tw.BASE_SHAPES)}), colours, positions and the question words "
                          "what / where / how many / color / shape / size / object")
     return question if question.endswith("?") else question + "?"

@@ -48,7 +48,7 @@ def scene_and_caption(seed, caption_mode: str, typed: str) -> tuple[tw.Scene, st
         raise ValueError("type a caption, e.g. 'a red circle at the top left'")
     unknown = CLIP().tokenizer.unknown_words(typed)
     if unknown:
-        raise ValueError(f"the toy vocabulary has no word {', '.join(repr(w) for w in unknown)}; describe shapes, "
+        raise ValueError(f"the toy vocabulary does not know {', '.join(repr(w) for w in unknown)}; describe shapes, "
                          "colours, sizes and positions")
     return scene, typed
 

@@ -389,7 +389,7 @@ def build_tab(model: str) -> None:
             with gr.Row():
                 names.append(gr.Textbox(label=f"Class {i + 1} name", elem_id=f"class-name-{i}", scale=1))
                 files.append(gr.File(file_count="multiple", file_types=["image"], label=f"Class {i + 1} images",
-                                     elem_id=f"class-files-{i}", scale=3, height=120))
+                                     elem_id=f"class-files-{i}", scale=3))
     build_btn = gr.Button("1 · Build the cache", variant="primary", elem_id="build-btn")
     status = gr.Markdown("No cache yet.", elem_id="status")
     gr.Markdown("#### The support set (one row per class)")
@@ -413,9 +413,8 @@ def build_tab(model: str) -> None:
                              elem_id="beta")
             val_md = gr.Markdown(val_line(None, 0, 1), elem_id="val-accuracy")
     result_md = gr.Markdown(elem_id="result")
-    with gr.Row():
-        label = gr.Label(num_top_classes=3, label="Fused prediction", elem_id="fused-label", scale=1, min_width=200)
-        logits = gr.HTML(elem_id="logits", scale=3)
+    label = gr.Label(num_top_classes=3, label="Fused prediction", elem_id="fused-label")
+    logits = gr.HTML(elem_id="logits")
     gr.Markdown("#### Most similar support images")
     nearest = gr.HTML(elem_id="nearest")
     gr.Markdown("### 3 · How many shots? (built-in tasks)")

@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 # ---------------------------------------------------------------- the web demo (app/ sits above the library)
 
 def app(host: str = "127.0.0.1", port: int = 7860, model: str = "toy") -> dict:
-    """Serve the web demo (``app.main.launch``)."""
+    """Serve the classroom demo (``app.main.launch``)."""
     from app.main import launch
 
     launch(host=host, port=port, model=model)
@@ -145,8 +145,9 @@ def bench_app(model: str = "toy", n_requests: int = 200, n_clients: int = 20) ->
 
 
 APP_COMMANDS = [
-    Command(None, "app", app, "the web demo", {"host": {"help": "address to listen on"}, "port": {"help": "port"},
-                                               "model": {"help": "CLIP for the demo"}}, emits_json=False),
+    Command(None, "app", app, "the classroom demo (every method, one tab each)",
+            {"host": {"help": "address to listen on"}, "port": {"help": "port"},
+             "model": {"help": "CLIP of the Tip-Adapter tab"}}, emits_json=False),
     Command("bench", "app", bench_app, "concurrent classify requests against a locally launched web demo",
             {"model": {}, "n_requests": {"help": "requests in all"},
              "n_clients": {"help": "simulated students, each with its own session and cache"}}),

@@ -96,6 +96,17 @@ def efficient_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def app_bench_table(data: dict) -> str:
+    """One row per ``labkit bench app --json`` run: latency under load and what batching buys."""
+    cols = [("students", "n_clients"), ("requests at once", "n_requests"), ("errors", "errors"),
+            ("p50 s", "p50_latency_s"), ("p95 s", "p95_latency_s"), ("throughput req/s", "throughput_rps"),
+            ("one at a time req/s", "sequential_rps"), ("32 at once req/s", "burst32_rps"),
+            ("batching gain", "batching_gain"), ("server CPU ms/req", "server_cpu_ms_per_request"),
+            ("load generator CPU ms/req", "load_generator_cpu_ms_per_request")]
+    return "\n".join(["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols),
+                      "| " + " | ".join(fmt(data.get(k)) for _, k in cols) + " |"])
+
+
 def _flatten(value, prefix: str = "") -> list[tuple[str, object]]:
     if isinstance(value, dict):
         return [row for k, v in value.items() for row in _flatten(v, f"{prefix}.{k}" if prefix else str(k))]
@@ -156,7 +167,8 @@ def summary_table() -> str:
 
 
 RENDERERS = {"eval_efficient": efficient_table, "eval_tip": tip_table, "bench_masking": masking_bench_table,
-             "eval_masking": masking_eval_table, "device_check": device_check_table}
+             "eval_masking": masking_eval_table, "device_check": device_check_table,
+             "bench_app": app_bench_table, "bench_app_40": app_bench_table}
 
 
 def render(name: str) -> str:

@@ -58,7 +58,18 @@ def test_tip_adapter_cache_and_masking_on_the_real_architecture(clip):
     install(clip.model, "none", 0.0)
 
 
-def test_the_web_demo_offers_the_cached_tag(hub):
-    from app.main import available_models
+def test_the_web_demo_offers_the_cached_tag_and_classifies_with_it(hub, tmp_path):
+    from PIL import Image
 
-    assert NAME in available_models()
+    from app import tipadapter_tab as tab
+
+    assert NAME in tab.available_models()
+    paths = {}
+    for name, color in (("red", (220, 30, 30)), ("blue", (30, 40, 220))):
+        paths[name] = str(tmp_path / f"{name}.png")
+        Image.new("RGB", (300, 240), color).save(paths[name])
+    names, files = ["red", "blue"] + [""] * 4, [[paths["red"]], [paths["blue"]]] + [None] * 4
+    session = tab.on_build(None, NAME, tab.SOURCES[1], "", 1, *names, *files)[0]
+    assert session["cache"].keys.shape == (2, 512) and session["model"] == NAME
+    out = tab.classify_batch([session], [paths["red"]], [1.0], [1.0])
+    assert out[-2][0].startswith("Prediction") and set(out[0][0]) == {"red", "blue"}
