@@ -102,10 +102,15 @@ def bar(value: float, scale: float, color: str) -> str:
     return f'<span style="display:inline-block;height:14px;width:{width:.1f}%;background:{color}"></span>'
 
 
-def table(header: Sequence[str], rows: Sequence[Sequence[str]], caption: str = "") -> str:
-    """A plain HTML table; cells are HTML already (escape text with :func:`html.escape`)."""
-    head = "".join(f'<th style="text-align:left;padding:2px 8px">{h}</th>' for h in header)
-    body = "".join("<tr>" + "".join(f'<td style="padding:2px 8px;vertical-align:middle">{c}</td>' for c in r) + "</tr>"
-                   for r in rows)
+def table(header: Sequence[str], rows: Sequence[Sequence[str]], caption: str = "",
+          widths: Sequence[str] | None = None) -> str:
+    """A plain HTML table that fits any width (fixed layout, cells wrap); cells are HTML already (escape text
+    with :func:`html.escape`); ``widths`` are CSS widths of the columns."""
+    widths = widths or [""] * len(header)
+    head = "".join(f'<th style="text-align:left;padding:2px 6px;{"width:" + w if w else ""}">{h}</th>'
+                   for h, w in zip(header, widths, strict=True))
+    cell = 'style="padding:2px 6px;vertical-align:middle;overflow-wrap:anywhere"'
+    body = "".join("<tr>" + "".join(f"<td {cell}>{c}</td>" for c in r) + "</tr>" for r in rows)
     cap = f'<caption style="caption-side:bottom;font-size:12px;text-align:left">{caption}</caption>' if caption else ""
-    return f'<table style="width:100%;border-collapse:collapse">{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    return (f'<table style="width:100%;border-collapse:collapse;table-layout:fixed;font-size:14px">{cap}'
+            f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")

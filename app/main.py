@@ -31,7 +31,7 @@ from .common import CONCURRENCY, QUEUE_SIZE  # noqa: E402
 from .uploads import UPLOAD_LIMIT  # noqa: E402
 
 TITLE = "VLM Efficiency Lab · classroom demo"
-CSS = ".lab-thumb img { background: #eee; } #logits table td:nth-child(2) { min-width: 160px; }"
+CSS = ".lab-thumb img { background: #eee; }"
 
 
 def build_demo(model: str = "toy", queue_size: int = QUEUE_SIZE, concurrency: int = CONCURRENCY) -> gr.Blocks:
@@ -42,9 +42,9 @@ def build_demo(model: str = "toy", queue_size: int = QUEUE_SIZE, concurrency: in
         with gr.Tabs():
             with gr.Tab("Tip-Adapter", id="tipadapter"):
                 tipadapter_tab.build_tab(model)
-            with gr.Tab("Masking (FLIP · Cluster)", id="masking"):
+            with gr.Tab("Masking", id="masking"):
                 masking_tab.build_tab()
-            with gr.Tab("BLIP-2 Q-Former", id="blip2"):
+            with gr.Tab("BLIP-2", id="blip2"):
                 blip2_tab.build_tab()
             with gr.Tab("EfficientVLM", id="efficientvlm"):
                 efficientvlm_tab.build_tab()

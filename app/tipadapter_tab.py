@@ -176,12 +176,13 @@ def logits_html(result: dict, alpha: float) -> str:
     for c, name in enumerate(result["classnames"]):
         stacked = (f'<div style="width:100%;white-space:nowrap">{bar(float(zs_rel[c]), scale, "#4c72b0")}'
                    f'{bar(float(cv_rel[c]), scale, "#dd8452")}</div>')
-        rows.append([html.escape(name), stacked, f"{float(zs_rel[c]):.2f}", f"{float(cv_rel[c]):.2f}",
-                     f"{float(result['zero_shot'][c]):.3f}", f"<b>{float(result['fused'][c]):.3f}</b>"])
+        rows.append([html.escape(name), stacked, f"{float(zs_rel[c]):.2f} + {float(cv_rel[c]):.2f}",
+                     f"<b>{float(result['fused'][c]):.3f}</b> ({float(result['zero_shot'][c]):.3f})"])
     caption = (f"Bars: fused logit = <span style='color:#4c72b0'>■ zero-shot 100·f·W<sub>c</sub></span> + "
                f"<span style='color:#dd8452'>■ α·cache vote</span> (α = {alpha:.3g}), each minus its smallest class "
                "value (the same shift for every class, so the probabilities are unchanged).")
-    return table(["class", "fused logit", "zero-shot", "α·cache", "P zero-shot", "P fused"], rows, caption)
+    return table(["class", "fused logit", "zero-shot + α·cache", "P fused (zero-shot)"], rows, caption,
+                 widths=["22%", "34%", "22%", "22%"])
 
 
 def nearest_html(session: dict, result: dict) -> str:
