@@ -86,7 +86,8 @@ def efficient_table(data: dict) -> str:
                      m["pruned"], data["sparsity_by_modality"]))
     for r in data["sweep"]:
         steps = f"{data['sweep_steps']} + {data['sweep_recover_steps']} recovery steps"
-        lines.append(row(f"sweep: target {r['target']} ({steps})", r["params"], r["speedup"],
+        lines.append(row(f"sweep: sparsity {fmt(r['realised_sparsity'])} (target {r['target']}, {steps})", r["params"],
+                         r["speedup"],
                          m[f"target_{r['target']}"], r["sparsity_by_modality"]))
     lines.append("")
     lines.append(f"Speed: median of `match_scores` on {data['bench_batch']} image-caption pairs, teacher "

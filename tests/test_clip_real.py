@@ -73,3 +73,43 @@ def test_the_web_demo_offers_the_cached_tag_and_classifies_with_it(hub, tmp_path
     assert session["cache"].keys.shape == (2, 512) and session["model"] == NAME
     out = tab.classify_batch([session], [paths["red"]], [1.0], [1.0])
     assert out[-2][0].startswith("Prediction") and set(out[0][0]) == {"red", "blue"}
+
+
+def test_eval_tip_runs_on_the_cached_tag(hub):
+    from labkit.tipadapter.commands import eval_tip
+
+    result = eval_tip(model=NAME, tasks="shape", shots="1,2", progress=False)  # fast mode: a small run
+    shape = result["results"]["shape"]
+    assert set(shape["tip_adapter"]) == {"1", "2"} and 0.0 <= shape["zero_shot"] <= 1.0
+
+
+def test_masking_bench_runs_on_the_cached_tag(hub):
+    from labkit.masking.bench import bench_masking
+
+    out = bench_masking(models=(NAME,), ratios=(0.0, 0.5), vit_batch=2, warmup=0, repeats=2)
+    (model,) = out["models"]
+    assert model["image_size"] == 224 and {(r["strategy"], r["ratio"]) for r in model["rows"]} >= {
+        ("random", 0.5), ("cluster", 0.5)}
+
+
+def test_notebook_05_reads_its_model_from_labkit_model(tmp_path, monkeypatch):
+    """Notebook 05 with LABKIT_MODEL naming another model (fast mode, as CI runs notebooks). A local-dir toy CLIP
+    stands in: the stand-in ViT-B-32 goes through the same ``load_clip`` (tested above) but its 224 px encoder
+    makes the notebook take over nine minutes on a 2-core CPU, too long for CI."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    from labkit.clip.model import save_local_dir
+    from labkit.clip.pretrain import new_toy_clip
+
+    torch.manual_seed(0)
+    toy = new_toy_clip(device="cpu")
+    model = "local-dir:" + str(save_local_dir(toy.model, toy.config, tmp_path / "other_clip"))
+    monkeypatch.setenv("LABKIT_MODEL", model)
+    monkeypatch.setenv("LABKIT_FAST", "1")
+    monkeypatch.delenv("MPLBACKEND", raising=False)
+    notebook = Path(__file__).parents[1] / "notebooks" / "05_tip_adapter.ipynb"
+    nb = nbformat.read(notebook, as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(notebook.parent)}}).execute()
+    first = next(c for c in nb.cells if c.cell_type == "code" and "LABKIT_MODEL" in c.source)
+    assert "other_clip" in "".join(o.get("text", "") for o in first.outputs)

@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from labkit.clip.model import load_clip
 from labkit.clip.pretrain import new_toy_clip
 from labkit.core.device import autocast, get_device, synchronize
 from labkit.core.train import shorten
@@ -37,14 +38,20 @@ def set_threads(threads: int) -> None:
 
 
 def _vision_tower(name: str):
-    """(visual, image_size, description) for ``toy`` or a stock open_clip architecture (random init)."""
+    """(visual, image_size, description) for ``toy``, a stock open_clip architecture (random init; the timing
+    does not depend on the weights) or any model :func:`labkit.clip.model.load_clip` accepts (``openclip:`` tags
+    with cached weights, ``local-dir:`` checkpoints)."""
     if name == "toy":
         visual = new_toy_clip(device="cpu").model.visual
         return visual, 64, "toy ViT (conv stem, patch 8, width 128, 4 layers)"
+    if name.startswith(("openclip:", "local-dir:")):
+        clip = load_clip(name, device="cpu")
+        return clip.model.visual, clip.image_size, f"{name} (its own weights)"
     import open_clip
 
     if name not in open_clip.list_models():
-        raise ValueError(f"unknown model {name!r}; accepted: 'toy' or an open_clip architecture such as ViT-B-32")
+        raise ValueError(f"unknown model {name!r}; accepted: 'toy', an open_clip architecture such as ViT-B-32, "
+                         "or a cached openclip:<arch>/<tag>")
     logging.getLogger().setLevel(logging.ERROR)  # open_clip warns that there are no pretrained weights
     model = open_clip.create_model(name)
     size = model.visual.image_size

@@ -199,7 +199,8 @@ def evaluate_task(clip: ClipModel, task: str, shots=(1, 2, 4, 8, 16), n_val: int
     """Zero-shot, Tip-Adapter, Tip-Adapter-F and linear probe at every shot count on one task.
 
     Few-shot accuracies are averaged over ``repeats`` support draws (the CoOp/Tip-Adapter protocol
-    averages 3); validation and test sets are the same for every draw. Returns ``(accuracies, the
+    averages 3); validation and test sets are the same for every draw. ``accuracies`` also holds ``chance``
+    (one over the number of classes). Returns ``(accuracies, the
     alpha/beta searched per shot count on the first draw, timings of the first draw)``.
     """
     if repeats < 1:
@@ -212,6 +213,7 @@ def evaluate_task(clip: ClipModel, task: str, shots=(1, 2, 4, 8, 16), n_val: int
     for method in runs[0][0]:
         out[method] = {k: round(sum(r[0][method][k] for r in runs) / len(runs), 6) for k in runs[0][0][method]}
     out["zero_shot"] = round(out["zero_shot"], 6)
+    out["chance"] = round(1 / len(first.classnames), 6)
     timing = {"cache_build": first.cache_seconds, "tip_adapter_f_finetune": runs[0][2],
               "n_support": len(first.pool_labels)}
     return out, runs[0][1], timing

@@ -77,7 +77,8 @@ def probabilities_figure(classnames, zero_shot, cache, fused, title: str = "") -
 
 
 def accuracy_vs_shots_figure(results: dict, title: str = "accuracy versus shots") -> Figure:
-    """One panel per task: zero-shot (flat line) and each few-shot method's accuracy per shot count.
+    """One panel per task: zero-shot (flat line), chance (dashed, when ``chance`` is given) and each few-shot
+    method's accuracy per shot count.
 
     ``results`` maps a task name to ``labkit eval tip``'s per-task dict.
     """
@@ -90,6 +91,8 @@ def accuracy_vs_shots_figure(results: dict, title: str = "accuracy versus shots"
                 shots = sorted(r[method], key=int)
                 ax.plot([int(s) for s in shots], [r[method][s] for s in shots], style, label=label)
         ax.axhline(r["zero_shot"], color="grey", linestyle=":", label="zero-shot")
+        if "chance" in r:
+            ax.axhline(r["chance"], color="black", linestyle="--", linewidth=0.8, label="chance")
         ax.set(title=task, xscale="log", xlabel="shots per class", ylim=(0, 1.02))
         ax.set_xticks([1, 2, 4, 8, 16], labels=["1", "2", "4", "8", "16"])
         ax.grid(alpha=0.3)
