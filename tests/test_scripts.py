@@ -35,19 +35,3 @@ def test_device_check_rejects_an_unknown_check(tmp_path):
     assert done.returncode == 2 and "unknown check(s) gpu_magic; accepted: masking, efficient, tip, blip2, clip" in done.stderr
     assert not (tmp_path / "device_check.json").exists()
 
-
-def test_the_lab_book_builds_every_chapter_with_its_figures(tmp_path, monkeypatch):
-    """``make book`` in fast mode into a temporary folder: an index linking notebooks 00-05, each page a
-    self-contained HTML file with its figures embedded."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import build_book
-
-    monkeypatch.setenv("LABKIT_FAST", "1")
-    pages = build_book.build_book(tmp_path)
-    names = [p.stem for p in build_book.chapters()]
-    assert [p["page"] for p in pages] == [f"{n}.html" for n in names] and len(names) == 6
-    index = (tmp_path / "index.html").read_text()
-    for p in pages:
-        body = (tmp_path / p["page"]).read_text()
-        assert f'href="{p["page"]}"' in index and p["figures"] > 0, p
-        assert body.count("data:image/png;base64") >= p["figures"], p["page"]
