@@ -45,6 +45,11 @@ def check_question(question: str) -> str:
     return question if question.endswith("?") else question + "?"
 
 
+def object_rows(fields) -> list[tuple[str, str, str, str]]:
+    """The object rows' flat (shape, colour, size, position, shape, ...) field values as one tuple per object."""
+    return [tuple(fields[i: i + 4]) for i in range(0, len(fields), 4)]
+
+
 def make_scene(mode: str, seed, rows: list[tuple[str, str, str, str]]) -> tw.Scene:
     """A random test scene (``seed``) or one built from the object rows (rows with shape '(none)' are skipped)."""
     if mode == "random scene":
@@ -64,13 +69,12 @@ def ask(kind: str, scene: tw.Scene, question: str) -> dict:
     model, encoder, tok = _PIPELINES[kind](), ENCODER(), tokenizer()
     feats = encoder(render([scene]))
     eos = tok.ids[EOT]
+    asked = TextBatch.from_lists([qa_text(tok, question)[0]], [[]])
     out = {}
-    for name, prefix, max_new in (("answer", qa_text(tok, question)[0], 4), ("caption", caption_text(tok)[0], TEXT_LEN)):
-        text = TextBatch.from_lists([prefix], [[]])
+    for name, text, max_new in (("answer", asked, 4), ("caption", TextBatch.from_lists([caption_text(tok)[0]], [[]]), TEXT_LEN)):
         ids = model.generate(feats, text.prefix_ids, text.prefix_mask, max_new, eos)[0].tolist()
         out[name] = tok.decode(ids[: ids.index(eos)] if eos in ids else ids)
-    text = TextBatch.from_lists([qa_text(tok, question)[0]], [[]])
-    out["maps"] = query_cross_attention(model.qformer, feats, text_ids=text.prefix_ids, text_mask=text.prefix_mask)[0]
+    out["maps"] = query_cross_attention(model.qformer, feats, text_ids=asked.prefix_ids, text_mask=asked.prefix_mask)[0]
     out["truth"] = dict(scene.questions()).get(question)
     return out
 
@@ -80,8 +84,7 @@ def on_ask(lm_label, mode, seed, question, *object_fields):
     try:
         if lm_label not in LMS:
             raise ValueError(f"unknown language model {lm_label!r}; pick one of {list(LMS)}")
-        rows = [tuple(object_fields[i: i + 4]) for i in range(0, len(object_fields), 4)]
-        scene = make_scene(mode, seed, rows)
+        scene = make_scene(mode, seed, object_rows(object_fields))
         question = check_question(question)
         out = ask(LMS[lm_label], scene, question)
     except Exception as e:  # noqa: BLE001 - every failure becomes a message, never a traceback
@@ -101,8 +104,7 @@ def on_ask(lm_label, mode, seed, question, *object_fields):
 def example_questions(mode, seed, *object_fields):
     """The scene's own questions (each with one true answer), as examples to pick from."""
     try:
-        rows = [tuple(object_fields[i: i + 4]) for i in range(0, len(object_fields), 4)]
-        qs = [q for q, _ in make_scene(mode, seed, rows).questions()]
+        qs = [q for q, _ in make_scene(mode, seed, object_rows(object_fields)).questions()]
     except Exception:  # noqa: BLE001 - examples are optional; on_ask reports the problem
         return gr.update()
     return gr.update(choices=qs, value=None)

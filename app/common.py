@@ -16,6 +16,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 
+import gradio as gr
 import numpy as np
 import torch
 from PIL import Image
@@ -42,6 +43,13 @@ def message(e: Exception, where: str) -> str:
 def problem(e: Exception, where: str) -> str:
     """A Markdown problem line for ``e`` (see :func:`message`)."""
     return f"**Problem:** {message(e, where)}"
+
+
+def warn(e: Exception, where: str) -> str:
+    """Show ``e`` as a warning toast too; returns its Markdown problem line (see :func:`message`)."""
+    text = message(e, where)
+    gr.Warning(text)
+    return f"**Problem:** {text}"
 
 
 class Lazy:

@@ -16,13 +16,14 @@ from matplotlib.figure import Figure
 
 from labkit.data import toyworld as tw
 from labkit.masking import masks, viz
-from labkit.masking.photos import PHOTO_NAMES, image_to_float, photo
+from labkit.masking.photos import PHOTO_NAMES, photo
 
 from .common import CONCURRENCY, problem
-from .uploads import load_image
+from .uploads import load_image, to_tensor
 
 TOY_SCENES = tuple(f"ToyWorld scene {i}" for i in range(4))
 CHOICES = (*PHOTO_NAMES, *TOY_SCENES, "My image (upload)")
+PHOTO_SIZE = 224  # photos and uploads, as photo() draws them
 PATCH = {"photo": 16, "toy": 8}  # 224 px photos: ViT-B-16's 14x14 grid; 64 px scenes: the toy CLIP's 8x8
 WHERE = "masking tab"
 
@@ -30,14 +31,14 @@ WHERE = "masking tab"
 def load_choice(choice: str, upload) -> tuple[torch.Tensor, int, str]:
     """``(float image [3, H, W], patch size, title)`` of the chosen image; ValueError for a bad choice or file."""
     if choice in PHOTO_NAMES:
-        return photo(choice), PATCH["photo"], choice
+        return photo(choice, PHOTO_SIZE), PATCH["photo"], choice
     if choice in TOY_SCENES:
         scene = tw.ToyWorld("test", seed=0, size=len(TOY_SCENES)).scene(TOY_SCENES.index(choice))
         return torch.from_numpy(scene.render().copy()).permute(2, 0, 1).float() / 255, PATCH["toy"], scene.caption()
     if choice == CHOICES[-1]:
         if not upload:
             raise ValueError("upload an image first (or pick a photo)")
-        return image_to_float(load_image(upload)), PATCH["photo"], "your image"
+        return to_tensor(load_image(upload), PHOTO_SIZE).float() / 255, PATCH["photo"], "your image"
     raise ValueError(f"unknown image {choice!r}; pick one of {', '.join(CHOICES)}")
 
 

@@ -32,7 +32,7 @@ from labkit.tipadapter import cache as tip
 from labkit.tipadapter import eval as tip_eval
 from labkit.tipadapter import viz as viz_tip
 
-from .common import CONCURRENCY, MAX_BATCH, bar, data_uri, problem, table, thumb, thumb_rows
+from .common import CONCURRENCY, MAX_BATCH, bar, data_uri, problem, table, thumb, thumb_rows, warn
 from .uploads import MAX_SHOTS, load_image, support_from_uploads, to_tensor
 
 MAX_CLASSES = 6
@@ -153,11 +153,10 @@ def score(session: dict, feature: torch.Tensor, alpha: float, beta: float) -> di
     """Zero-shot, cache and fused probabilities and logits of one query feature ``[D]``, and its nearest supports."""
     cache = session["cache"]
     r = tip.explain(feature, session["classifier"], cache.keys, cache.values, alpha, beta)
-    zs_logits = tip.zero_shot_logits(feature.view(1, -1), session["classifier"])[0]
     top = r["affinity"].topk(min(TOP_K, len(cache.keys)))
     names = cache.classnames
     return {"classnames": names, "zero_shot": r["zero_shot"].cpu(), "fused": r["fused"].cpu(),
-            "zero_shot_logits": zs_logits.cpu(), "cache_logits": (r["logits"] - zs_logits).cpu(),
+            "zero_shot_logits": r["zero_shot_logits"].cpu(), "cache_logits": (r["logits"] - r["zero_shot_logits"]).cpu(),
             "label": names[r["prediction"]],
             "nearest": [(int(i), names[int(cache.labels[i])], float(a))
                         for a, i in zip(top.values, top.indices, strict=True)]}
@@ -228,9 +227,7 @@ def on_build(state, model_name, source, task_label, shots, *slots):
     try:
         session = build_session(model_name, source, task_label, shots, names, files)
     except Exception as e:  # noqa: BLE001 - every failure becomes a message, never a traceback
-        msg = problem(e, WHERE)
-        gr.Warning(msg.removeprefix("**Problem:** "))
-        return state, f"{msg}. The previous cache is kept.", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return state, f"{warn(e, WHERE)}. The previous cache is kept.", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
     cache = session["cache"]
     notes = []
     if source == SOURCES[0] and any(f for f in files if f):
@@ -247,16 +244,15 @@ def on_build(state, model_name, source, task_label, shots, *slots):
     fig = viz_tip.cache_figure(cache.keys.cpu(), cache.values.cpu(), cache.classnames)
     status = (f"**Cache built:** {cache.n_classes} classes × {session['shots']} shots = {len(cache.keys)} keys "
               f"(each averaged over 10 augmented views), model `{model_name}`.")
-    log_alpha, beta = gr.skip(), gr.skip()
+    log_alpha, beta, val = gr.skip(), gr.skip(), val_line(None, DEFAULT_LOG_ALPHA, DEFAULT_BETA)
     if session["search"] is not None:
         s = session["search"]
         log_alpha, beta = log_alpha_of(s["alpha"]), s["beta"]
+        val = val_line(session, log_alpha, beta)
         status += (f" alpha = {s['alpha']:.3g} and beta = {s['beta']:g} were set by the validation search "
                    f"({'the cache beats zero-shot' if s['cache_helps'] else 'the cache does not beat zero-shot'} "
                    "on validation).")
     status += "".join(f"<br>Note: {n}." for n in notes)
-    val = val_line(session, log_alpha if session["search"] else DEFAULT_LOG_ALPHA,
-                   beta if session["search"] else DEFAULT_BETA)
     return session, status, thumb_rows(rows), fig, log_alpha, beta, val
 
 
@@ -317,9 +313,7 @@ def on_pick_query(state, log_alpha, beta, seed):
         i = int(np.random.default_rng(int(seed)).integers(len(labels)))
         f = get_model(state["model"]).encode_image(images[i: i + 1])[0]
     except Exception as e:  # noqa: BLE001
-        msg = problem(e, WHERE)
-        gr.Warning(msg.removeprefix("**Problem:** "))
-        return (*CLEARED, msg, state, "", gr.skip())
+        return (*CLEARED, warn(e, WHERE), state, "", gr.skip())
     truth = classnames[int(labels[i])]
     session = dict(state, query=f, true_class=truth, query_name=f"test image {i}")
     alpha, beta = alpha_of(log_alpha), float(beta)
@@ -341,7 +335,7 @@ def on_shots_plot(model_name, source, task_label):
             raise ValueError("the accuracy-versus-shots plot is for built-in tasks (they have labelled test images)")
         return viz_tip.accuracy_vs_shots_figure({task_label: _shots_curve(model_name, BUILTIN_TASKS[task_label])})
     except Exception as e:  # noqa: BLE001
-        gr.Warning(problem(e, WHERE).removeprefix("**Problem:** "))
+        warn(e, WHERE)
         return gr.skip()
 
 
@@ -352,7 +346,7 @@ def on_query_upload(path):
     try:
         return query_html(data_uri(load_image(path)), os.path.basename(str(path)))
     except ValueError as e:
-        gr.Warning(problem(e, WHERE).removeprefix("**Problem:** "))
+        warn(e, WHERE)
         return ""
 
 

@@ -17,13 +17,3 @@ def photo(name: str, size: int = 224) -> torch.Tensor:
     x = torch.from_numpy(getattr(skdata, name)()).permute(2, 0, 1)[None].float() / 255
     return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)[0]
 
-
-def image_to_float(image, size: int = 224) -> torch.Tensor:
-    """An RGB PIL image or uint8 ``[H, W, 3]`` array as float ``[3, size, size]`` (centre square, resized)."""
-    import numpy as np
-
-    x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
-    side = min(x.shape[1:])
-    top, left = (x.shape[1] - side) // 2, (x.shape[2] - side) // 2
-    x = x[:, top: top + side, left: left + side][None]
-    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)[0]

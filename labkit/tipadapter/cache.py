@@ -197,7 +197,8 @@ def explain(feature: torch.Tensor, classifier: torch.Tensor, keys: torch.Tensor,
     """One query's three views of the decision: zero-shot, cache and fused class probabilities.
 
     ``cache`` is the affinity-weighted vote normalised to sum to one (independent of ``alpha``);
-    ``fused`` is the softmax of Tip-Adapter's logits. Also returns the affinities to every key.
+    ``fused`` is the softmax of Tip-Adapter's logits (``logits``, of which ``zero_shot_logits`` is the text part).
+    Also returns the affinities to every key.
     """
     f = feature.view(1, -1)
     zs = zero_shot_logits(f, classifier)[0]
@@ -205,7 +206,7 @@ def explain(feature: torch.Tensor, classifier: torch.Tensor, keys: torch.Tensor,
     votes = cache_logits(aff.view(1, -1), values, beta)[0]
     fused = zs + alpha * votes
     return {"zero_shot": zs.softmax(-1), "cache": votes / votes.sum(), "fused": fused.softmax(-1),
-            "logits": fused, "affinity": aff, "prediction": int(fused.argmax())}
+            "logits": fused, "zero_shot_logits": zs, "affinity": aff, "prediction": int(fused.argmax())}
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
