@@ -66,5 +66,5 @@ def test_tipadapter_cache_search_and_finetuning(bf16, clip):
     val_images, val_labels, _, _ = task_data("shape", "val", 24)
     val = clip.encode_image(val_images)
     best = search_alpha_beta(val, val_labels.to(val.device), W, cache.keys, cache.values)
-    keys, _ = finetune_keys(cache, cache.keys, cache.labels, W, val, val_labels, 1.0, best["beta"], epochs=2)
+    keys, _ = finetune_keys(cache, cache.keys[None], cache.labels, W, val, val_labels, 1.0, best["beta"], epochs=2)
     assert torch.isfinite(tip_logits(val, W, keys, cache.values, best["alpha"] or 1.0, best["beta"])).all()

@@ -265,6 +265,37 @@ def test_itc_loss_matches_a_hand_written_symmetric_smoothed_cross_entropy():
     assert itc_loss(sim, torch.tensor(temp), eps).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+def test_itm_and_itg_losses_match_plain_formulas_on_fixed_inputs():
+    """Stage 1's ITM (positives, then image-with-negative-text, then negative-image-with-text, labels 1, 0, 0) and
+    ITG (the first token replaced by [DEC]; position t predicts token t + 1; padding ignored; smoothing 0.1)
+    recomputed here token by token. With two pairs each one's hard negative is the other, so nothing is random."""
+    torch.manual_seed(0)
+    dec = tokenizer().vocab_size
+    model = Blip2Stage1(stage1_config(), dec_token_id=dec, embed_dim=32).eval()
+    feats = torch.randn(2, 64, model.config.encoder_width)
+    ids = torch.tensor([[1, 7, 9, 11, 0], [1, 8, 12, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    with torch.no_grad():
+        out = model(feats, ids, mask)
+        pairs = [(0, 0, 1), (1, 1, 1), (0, 1, 0), (1, 0, 0), (1, 0, 0), (0, 1, 0)]  # (image, text, label)
+        itm = sum(-torch.log_softmax(model.itm_logits(feats[i:i + 1], ids[t:t + 1], mask[t:t + 1])[0], -1)[y]
+                  for i, t, y in pairs) / len(pairs)
+        dec_ids = ids.clone()
+        dec_ids[:, 0] = dec
+        logits = model.lm_head(model.qformer(feats, dec_ids, mask, mode="itg").text)  # [B, L, V]
+        eps, terms = 0.1, []
+        for b in range(2):
+            for t in range(ids.shape[1] - 1):
+                if mask[b, t + 1]:  # predict the real token t + 1 from position t
+                    logp = torch.log_softmax(logits[b, t], -1)
+                    terms.append(-(1 - eps) * logp[ids[b, t + 1]] - eps * logp.mean())
+        itg = sum(terms) / len(terms)
+    assert len(terms) == 5  # 3 + 2 real next tokens; [DEC] itself and the padding are never targets
+    assert out.itm.item() == pytest.approx(itm.item(), rel=1e-5)
+    assert out.itg.item() == pytest.approx(itg.item(), rel=1e-5)
+    assert out.loss.item() == pytest.approx((out.itc + out.itm + out.itg).item(), rel=1e-6)
+
+
 def test_itc_temperature_is_clamped_in_place_and_keeps_its_gradient():
     """ALBEF/BLIP clamp the parameter under no_grad; an out-of-place clamp would give it zero gradient at 0.6."""
     torch.manual_seed(0)

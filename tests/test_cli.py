@@ -2,7 +2,13 @@ import json
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+import torch
+
 from labkit.cli import main
+from labkit.clip.model import load_clip
+from labkit.data import toyworld as tw
 
 
 def run_cli(*args):
@@ -15,6 +21,24 @@ def test_eval_clip_prints_one_json_object_on_its_last_line():
     metrics = json.loads(result.stdout.strip().splitlines()[-1])
     for key in ("zero_shot_shape_acc", "zero_shot_color_acc", "retrieval_i2t_r1", "retrieval_t2i_r1"):
         assert 0.0 <= metrics[key] <= 1.0
+    # the same figures recomputed here from the model's encoders, one class and one scene at a time
+    clip = load_clip("toy", device="cpu")
+    with torch.no_grad():
+        for task in ("shape", "color"):
+            data = tw.TaskDataset(task, "test", 0, 100)
+            images, labels = data.tensors()
+            classes = []
+            for name in data.task.classnames:  # CLIP's prompt ensemble: mean of unit prompt features, renormalised
+                prompts = torch.nn.functional.normalize(clip.encode_text([t.format(name) for t in data.task.templates]), dim=-1)
+                classes.append(torch.nn.functional.normalize(prompts.mean(0), dim=-1))
+            pred = (clip.encode_image(images) @ torch.stack(classes).T).argmax(1)
+            assert metrics[f"zero_shot_{task}_acc"] == pytest.approx((pred == labels).float().mean().item(), abs=1e-6)
+        world = tw.ToyWorld("test", 0, 100, objects=(2, 3), canonical_captions=True)
+        scenes = [world.scene(i) for i in range(100)]
+        image = clip.encode_image(torch.from_numpy(np.stack([s.render() for s in scenes])).permute(0, 3, 1, 2))
+        text = clip.encode_text([s.caption() for s in scenes])
+        hits = sum(int((image[i] @ text.T).argmax() == i) for i in range(100))
+    assert metrics["retrieval_i2t_r1"] == pytest.approx(hits / 100, abs=1e-6)
 
 
 def test_bench_toyworld_json(capsys):

@@ -58,9 +58,26 @@ def test_expected_l0_matches_an_independent_monte_carlo(log_alpha):
         monte_carlo, abs=0.005)
 
 
-def test_deterministic_gate_is_louizos_test_time_estimator():
-    a = torch.tensor([-10.0, 0.0, 10.0])
-    assert eff.deterministic_gate(a).tolist() == pytest.approx([0.0, 0.5, 1.0])
+def test_deterministic_mask_zeroes_the_rounded_expected_number_of_smallest_gates():
+    """CoFi / EfficientVLM ``_deterministic_z``: round(sum P(z = 0)) zeros at the smallest log alpha, ones elsewhere."""
+    log_alpha = torch.tensor([3.0, -2.0, 0.5, -4.0, 1.0, -1.0])
+    p_zero = 1 - torch.sigmoid(log_alpha - (2 / 3) * math.log(0.1 / 1.1))  # eq. 12 written out here
+    n_zeros = round(p_zero.sum().item())
+    assert n_zeros == 2  # (-4, -2) closed, the rest open, whatever their value
+    assert eff.deterministic_mask(log_alpha).tolist() == [1.0, 0.0, 1.0, 0.0, 1.0, 1.0]
+    assert eff.deterministic_mask(torch.full((5,), 4.6)).tolist() == [1.0] * 5
+
+
+def test_gates_start_at_the_official_initialisation_and_clamp_to_its_range():
+    gates = eff.Gates(tiny_vlm())
+    for name, a in zip(gates.names, gates.log_alpha):
+        assert torch.all(a == (math.log(100) if name.endswith(("attn", "cross")) else 0.0)), name
+    with torch.no_grad():
+        gates.log_alpha[0].fill_(30.0)
+        gates.log_alpha[1].fill_(-30.0)
+    gates.clamp_()
+    assert gates.log_alpha[0].max().item() == pytest.approx(math.log(100))
+    assert gates.log_alpha[1].min().item() == pytest.approx(math.log(0.01))
 
 
 # ---------------------------------------------------------------- layer map
@@ -157,6 +174,22 @@ def test_lagrangian_drives_expected_sparsity_to_target():
         optimizer.step()
     assert gates.expected_sparsity().item() == pytest.approx(target, abs=0.05)
     assert lagrangian.lambda_2.item() > 0, "gradient ascent must grow the quadratic multiplier"
+
+
+@pytest.mark.parametrize("target", [0.3, 0.7])
+def test_pruning_with_a_task_loss_realises_its_target(clip, monkeypatch, target):
+    """The whole recipe (distillation loss + Lagrangian, clamp, official finalize) on a small VLM: the model that
+    comes out has the sparsity that was asked for (at most one unit's rounding per site off)."""
+    monkeypatch.setenv("LABKIT_FAST", "0")
+    teacher = tiny_vlm(vision_layers=4, intermediate=64)
+    student = make_student(teacher)
+    pruned, record = eff.prune_student(student, teacher, clip, target, steps=400, batch_size=8, progress=False)
+    full, kept = eff.Gates(student).total_params(), eff.Gates(pruned).total_params()
+    realised = 1 - sum(kept.values()) / sum(full.values())
+    assert record["history"][-1]["expected_sparsity"] == pytest.approx(target, abs=0.01)
+    assert realised == pytest.approx(target, abs=0.03)
+    snapshot = record["gate_snapshots"][-1][1]  # sigmoid(log alpha) stays inside the clamp's range
+    assert all(0.0099 <= float(g.min()) and float(g.max()) <= 0.9901 for g in snapshot.values())
 
 
 def test_finalize_gives_the_masked_models_outputs_with_smaller_matrices(batch):

@@ -183,22 +183,59 @@ def _blobs(C=3, n=20, D=16, noise=0.6, seed=0):
     return F.normalize(centers[y] + noise * torch.randn(len(y), D, generator=g), dim=-1), y, centers
 
 
-def test_finetune_keys_improves_training_fit_and_never_returns_worse_than_the_cache():
-    feats, y, centers = _blobs()
+def _views(feats, n_views=4, seed=7):
+    """``n_views`` distinct noisy copies of each feature: ``[V, N, D]``."""
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(feats[None] + 0.1 * torch.randn(n_views, *feats.shape, generator=g), dim=-1)
+
+
+def test_finetune_keys_lowers_the_training_loss_and_returns_its_best_validation_keys():
+    feats, y, _ = _blobs()
+    views = _views(feats)
     val_f, val_y, _ = _blobs(seed=1)
-    W = unit(3, 16, seed=4)
-    cache = tip.cache_from_features(feats[:6].unsqueeze(0), y[:6], ("a", "b", "c"))
-    before = tip.accuracy(tip.tip_logits(val_f, W, cache.keys, cache.values, 5.0, 5.0), val_y)
-    keys, info = tip.finetune_keys(cache, feats, y, W, val_f, val_y, alpha=5.0, beta=5.0, epochs=20, batch_size=16)
-    assert keys.shape == cache.keys.shape and not keys.requires_grad
+    W = 0.01 * unit(3, 16, seed=4)  # a weak text classifier: the cache decides, so its keys are worth training
+    cache = tip.cache_from_features(views[:, :6], y[:6], ("a", "b", "c"))
+
+    def train_loss(keys):  # cross-entropy of the fused logits over every view, written out here
+        logits = 100 * views.flatten(0, 1) @ W.T + 5.0 * torch.exp(-5.0 * (1 - views.flatten(0, 1) @ keys.T)) @ cache.values
+        return F.cross_entropy(logits, y.repeat(len(views))).item()
+
+    keys, info = tip.finetune_keys(cache, views, y, W, val_f, val_y, alpha=5.0, beta=5.0, epochs=20, batch_size=16)
+    assert keys.shape == cache.keys.shape and not keys.requires_grad and not torch.equal(keys, cache.keys)
     assert len(info["curve"]) == 20
-    assert info["best_val_accuracy"] >= before
+    assert train_loss(keys) < train_loss(cache.keys) - 0.01
     assert tip.accuracy(tip.tip_logits(val_f, W, keys, cache.values, 5.0, 5.0), val_y) == info["best_val_accuracy"]
-    assert info["curve"][-1]["loss"] < info["curve"][0]["loss"] + 1e-6
-    same, _ = tip.finetune_keys(cache, feats, y, W, val_f, val_y, epochs=0)
+    same, _ = tip.finetune_keys(cache, views, y, W, val_f, val_y, epochs=0)
     assert torch.equal(same, cache.keys)
     with pytest.raises(ValueError, match="alpha must be > 0"):
-        tip.finetune_keys(cache, feats, y, W, val_f, val_y, alpha=0.0)
+        tip.finetune_keys(cache, views, y, W, val_f, val_y, alpha=0.0)
+    with pytest.raises(ValueError, match="one label per image"):
+        tip.finetune_keys(cache, views.flatten(0, 1), y, W, val_f, val_y)
+
+
+def test_finetune_keys_sees_every_support_image_once_per_epoch_in_one_of_its_views(monkeypatch):
+    """The official protocol: one augmentation of each image per epoch (not every cached view every epoch)."""
+    feats, y, _ = _blobs(n=10)
+    views = _views(feats, n_views=5)
+    val_f, val_y, _ = _blobs(n=4, seed=1)
+    W = unit(3, 16, seed=4)
+    cache = tip.cache_from_features(views, y, ("a", "b", "c"))
+    seen, real = [], tip.tip_logits
+
+    def spy(queries, *args, **kwargs):
+        if len(queries) != len(val_f):  # a training batch, not a validation pass
+            seen.append(queries.detach().clone())
+        return real(queries, *args, **kwargs)
+
+    monkeypatch.setattr(tip, "tip_logits", spy)
+    tip.finetune_keys(cache, views, y, W, val_f, val_y, alpha=5.0, beta=5.0, epochs=3, batch_size=8)
+    rows = torch.cat(seen)
+    assert len(rows) == 3 * len(y)  # 30 images x 3 epochs, in batches of 8
+    match = (rows[:, None, None] == views[None]).all(-1).nonzero()  # (row, view, image) of every exact match
+    assert len(match) == len(rows), "every training row must be exactly one view of one support image"
+    for epoch in range(3):
+        images = match[match[:, 0] // len(y) == epoch, 2]
+        assert sorted(images.tolist()) == list(range(len(y)))
 
 
 def test_linear_probe_separates_blobs():

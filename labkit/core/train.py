@@ -169,12 +169,14 @@ class _LossOf(nn.Module):
 
 def fit(model: nn.Module, loss_fn: Callable, make_batch: Callable[[int, int, int], tuple[object, int]],
         cfg: TrainConfig, evaluate: Callable[[nn.Module], dict] | None = None,
-        device: torch.device | None = None, progress: bool = True, groups: list[dict] | None = None) -> dict:
+        device: torch.device | None = None, progress: bool = True, groups: list[dict] | None = None,
+        after_step: Callable[[nn.Module], None] | None = None) -> dict:
     """Train ``model`` in place; returns ``{"history": [...], "evals": [...], "steps": n, "seconds": s, "images_per_s": ...}``.
 
     ``groups`` overrides the AdamW parameter groups (default: :func:`param_groups`); a group may
     set its own ``lr`` (scaled by the same schedule unless ``scheduled=False``) or ``maximize=True``
-    (gradient ascent, e.g. the Lagrange multipliers of EfficientVLM's pruning).
+    (gradient ascent, e.g. the Lagrange multipliers of EfficientVLM's pruning). ``after_step(model)`` runs
+    after every optimizer step (e.g. a projection such as the pruning gates' clamp).
     """
     rank, world = distributed_context()
     if device is None:
@@ -213,6 +215,8 @@ def fit(model: nn.Module, loss_fn: Callable, make_batch: Callable[[int, int, int
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
+        if after_step is not None:
+            after_step(model)
         synchronize(device)
         dt = time.perf_counter() - t0
         train_seconds += dt

@@ -81,7 +81,7 @@ def train_vlm(what: str, steps: int | None = None, batch_size: int = 64, lr: flo
 
 
 def eval_efficient_command(teacher: str | None = None, student: str | None = None, pruned: str | None = None,
-                           clip: str = "toy", n: int = 1000, sweep: str = "0.3,0.5,0.7", sweep_steps: int = 300,
+                           clip: str = "toy", n: int = 1000, sweep: str = "0.3,0.5,0.7,0.8", sweep_steps: int = 500,
                            sweep_recover_steps: int = 150, bench_batch: int = 128, repeats: int = 15,
                            save: str | None = None, progress: bool = True) -> dict:
     """:func:`labkit.efficientvlm.eval.eval_efficient` on the shipped (or given) checkpoints; also written to ``save``."""

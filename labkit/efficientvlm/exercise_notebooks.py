@@ -144,10 +144,10 @@ NOTEBOOK = ExerciseNotebook(
     outro="""
         ## At the end of pruning
 
-        Training samples gates; at test time each gate becomes deterministic,
-        `clamp(sigmoid(log_alpha) · (zeta − gamma) + gamma, 0, 1)` (`labkit.efficientvlm.prune.deterministic_gate`,
-        Louizos et al. eq. 13): gates that are exactly 0 are removed for good, and the model becomes physically
-        smaller and faster.
+        Training samples gates; at test time each site keeps a deterministic 0/1 mask: the expected number of
+        closed gates, `round(Σ (1 − P(z ≠ 0)))` from your `expected_l0`, is closed at the smallest log alpha and
+        every other gate is 1 (`labkit.efficientvlm.prune.deterministic_mask`, as in the official code). Closed
+        heads and units are removed for good, and the model becomes physically smaller and faster.
     """,
 )
 

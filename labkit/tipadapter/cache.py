@@ -25,9 +25,9 @@ Departures from the official code (gaopengcuhk/Tip-Adapter), and why:
 * Keys: labkit averages the *unit* features of the 10 views and normalises again; the official code
   averages the raw features over views and normalises once. With CLIP's features of similar norm the
   two agree closely; labkit's gives every view the same weight.
-* Tip-Adapter-F feeds every cached view of every support image in each epoch (10x the official
-  samples per epoch, so more optimizer steps for "20 epochs"), where the official code draws one
-  fresh augmentation per image per epoch. It reuses the cache's views instead of re-encoding images.
+* Tip-Adapter-F draws, like the official code, one augmented view of every support image per epoch,
+  but from the cache's 10 encoded views instead of a fresh augmentation each epoch (no image
+  re-encoding: fine-tuning stays a loop over cached features).
 * alpha and beta are searched on a validation split, never on test (the official ImageNet script
   searched on test).
 """
@@ -290,15 +290,16 @@ def search_alpha_beta(features: torch.Tensor, labels: torch.Tensor, classifier: 
             "alphas": list(alphas), "betas": list(betas)}
 
 
-def finetune_keys(cache: TipCache, train_feats: torch.Tensor, train_labels: torch.Tensor, classifier: torch.Tensor,
+def finetune_keys(cache: TipCache, views: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor,
                   val_feats: torch.Tensor, val_labels: torch.Tensor, alpha: float = 1.0, beta: float = 1.0,
                   epochs: int = 20, lr: float = 1e-3, eps: float = 1e-4, batch_size: int = 256,
                   seed: int = 0) -> tuple[torch.Tensor, dict]:
     """Tip-Adapter-F: train the cache keys (a linear layer initialised from the cache), values and text frozen.
 
     AdamW (lr 1e-3, eps 1e-4), cosine schedule over all steps, 20 epochs, cross-entropy on the fused
-    logits at fixed ``alpha``/``beta``. ``train_feats`` are the features of the support set's
-    augmented views (the official code re-augments each epoch; we sample from the 10 cached views).
+    logits at fixed ``alpha``/``beta``. ``views`` ``[V, N, D]`` are the features of the ``N`` support
+    images' augmented views (``labels`` ``[N]``); each epoch sees every support image once, in one of
+    its views drawn at random, as the official code sees one fresh augmentation per image per epoch.
     After every epoch the keys are scored on the validation set and the best ones (the initial cache
     included) are returned, as in the official code, but selected on validation, not test.
     A plain loop rather than :func:`labkit.core.train.fit`: a few hundred cached features, the paper's
@@ -306,12 +307,15 @@ def finetune_keys(cache: TipCache, train_feats: torch.Tensor, train_labels: torc
     """
     if alpha <= 0:
         raise ValueError(f"alpha must be > 0 to fine-tune the keys (at alpha={alpha:g} the cache gets no gradient)")
+    if views.dim() != 3 or views.shape[1] != len(labels):
+        raise ValueError(f"views must be [n_views, n_images, dim] with one label per image, got views "
+                         f"{tuple(views.shape)} and {len(labels)} labels")
     gen = torch.Generator().manual_seed(seed)
     keys = torch.nn.Parameter(cache.keys.clone())
     opt = torch.optim.AdamW([keys], lr=lr, eps=eps)
-    steps_per_epoch = math.ceil(len(train_feats) / batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps_per_epoch)
-    values, labels = cache.values, train_labels.to(train_feats.device)
+    n_views, n_images = views.shape[:2]
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * math.ceil(n_images / batch_size))
+    values, labels = cache.values, labels.to(views.device)
 
     def val_acc(k):
         with torch.no_grad():
@@ -319,8 +323,9 @@ def finetune_keys(cache: TipCache, train_feats: torch.Tensor, train_labels: torc
 
     best_acc, best_keys, curve = val_acc(keys), keys.detach().clone(), []
     for _ in range(epochs):
-        for idx in torch.randperm(len(train_feats), generator=gen).to(train_feats.device).split(batch_size):
-            logits = tip_logits(train_feats[idx], classifier, keys, values, alpha, beta)
+        view = torch.randint(n_views, (n_images,), generator=gen).to(views.device)  # one view per image
+        for idx in torch.randperm(n_images, generator=gen).to(views.device).split(batch_size):
+            logits = tip_logits(views[view[idx], idx], classifier, keys, values, alpha, beta)
             loss = F.cross_entropy(logits, labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()

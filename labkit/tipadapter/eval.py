@@ -96,10 +96,15 @@ class FewShotData:
         idx = self.shot_index(shots)
         return cache_from_features(self.views[:, idx], self.pool_labels[idx], self.classnames)
 
-    def train_set(self, shots: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every augmented view of the ``shots``-shot support set, for Tip-Adapter-F and the linear probe."""
+    def support_views(self, shots: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``shots``-shot support set's views ``[V, N, D]`` and labels ``[N]``, for Tip-Adapter-F."""
         idx = self.shot_index(shots)
-        return self.views[:, idx].flatten(0, 1), self.pool_labels[idx].repeat(len(self.views)).to(self.views.device)
+        return self.views[:, idx], self.pool_labels[idx].to(self.views.device)
+
+    def train_set(self, shots: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every augmented view of the ``shots``-shot support set as one training set, for the linear probe."""
+        views, labels = self.support_views(shots)
+        return views.flatten(0, 1), labels.repeat(len(views))
 
     def search(self, shots: int, keys: torch.Tensor | None = None, **grid) -> dict:
         cache = self.cache(shots)
@@ -172,12 +177,11 @@ def _evaluate_draw_inner(d: FewShotData, shots, epochs: int) -> tuple[dict, dict
         best = d.search(k)
         out["tip_adapter"][str(k)] = accuracy(tip_logits(test_f, W, cache.keys, cache.values, best["alpha"],
                                                          best["beta"]), test_y)
-        train_f, train_y = d.train_set(k)
         synchronize(W.device)
         t0 = time.perf_counter()
         with torch.enable_grad():
             # where the cache was not shown to help (alpha 0) it is fine-tuned at the paper's initial alpha of 1
-            keys, _ = finetune_keys(cache, train_f, train_y, W, d.val_features, d.val_labels, best["alpha"] or 1.0,
+            keys, _ = finetune_keys(cache, *d.support_views(k), W, d.val_features, d.val_labels, best["alpha"] or 1.0,
                                     best["beta"], epochs=epochs)
         synchronize(W.device)
         finetune_s = time.perf_counter() - t0  # the last (largest) shot count's fine-tuning
@@ -185,7 +189,7 @@ def _evaluate_draw_inner(d: FewShotData, shots, epochs: int) -> tuple[dict, dict
         out["tip_adapter_f"][str(k)] = accuracy(tip_logits(test_f, W, keys, cache.values, best_f["alpha"],
                                                            best_f["beta"]), test_y)
         with torch.enable_grad():
-            probe, _ = linear_probe(train_f, train_y, d.val_features, d.val_labels, len(d.classnames))
+            probe, _ = linear_probe(*d.train_set(k), d.val_features, d.val_labels, len(d.classnames))
         out["linear_probe"][str(k)] = accuracy(probe(test_f), test_y)
         search[str(k)] = {"alpha": best["alpha"], "beta": best["beta"], "alpha_f": best_f["alpha"],
                           "beta_f": best_f["beta"]}
