@@ -300,9 +300,12 @@ def test_viz_figures_draw(tmp_path):
     figs.append(viz.throughput_figure({"device": "cpu", "dtype": "fp32", "optimizer": "AdamW (fused)", "models": [
         {"model": "toy", "batch": 8, "image_size": 64, "f_stem": 0.1, "rows": rows}]}))
     curve = [{"train_seconds": 1.0, "zero_shot_shape_acc": 0.3, "retrieval_i2t_r1": 0.1}]
-    study = {"budget_s_per_variant": 1, "runs": [{"masking": "random", "ratio": 0.5, "curve": curve,
-                                                   "shape_acc_small": 0.2, "shape_acc_large": 0.4}]}
+    study = {"budget_s_per_variant": 1, "eval_n": 200, "runs": [{"masking": "random", "ratio": 0.5, "curve": curve,
+                                                                 "shape_acc_small": 0.2, "shape_acc_large": 0.4}]}
     figs += [viz.accuracy_vs_time_figure(study), viz.size_accuracy_figure(study)]
+    chance = [[line.get_ydata()[0] for line in ax.lines if line.get_linestyle() == ":"] for ax in figs[-2].axes]
+    assert chance == [[pytest.approx(1 / 6)], [pytest.approx(1 / 200)]]  # six shapes; one caption in 200 scenes
+    assert [line.get_ydata()[0] for line in figs[-1].axes[0].lines] == [pytest.approx(1 / 6)]
     for i, fig in enumerate(figs):
         fig.savefig(tmp_path / f"{i}.png")
         plt.close(fig)

@@ -14,7 +14,14 @@ from matplotlib import pyplot as plt
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from labkit.data import toyworld as tw
+
 STRATEGY_COLORS = {"none": "#555555", "random": "#1f77b4", "cluster": "#d62728"}
+CHANCE = {"zero_shot_shape_acc": 1 / len(tw.BASE_SHAPES), "zero_shot_color_acc": 1 / len(tw.COLORS)}
+
+
+def _chance_line(ax, level: float) -> None:
+    ax.axhline(level, color="0.5", linestyle=":", linewidth=1, label=f"chance ({level:.3g})")
 
 
 def _np(x) -> np.ndarray:
@@ -227,9 +234,11 @@ def throughput_figure(bench: dict) -> Figure:
 
 
 def accuracy_vs_time_figure(result: dict, metrics=("zero_shot_shape_acc", "retrieval_i2t_r1")) -> Figure:
-    """Accuracy against training seconds for each masking variant (same wall-clock budget)."""
+    """Accuracy against training seconds for each masking variant (same wall-clock budget), with chance
+    (1 / classes for zero-shot, 1 / scenes for retrieval R@1)."""
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.8), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
+        _chance_line(ax, CHANCE.get(metric, 1 / max(1, result["eval_n"])))
         for run in result["runs"]:
             xs = [0.0] + [p["train_seconds"] for p in run["curve"]]
             ys = [np.nan] + [p.get(metric, np.nan) for p in run["curve"]]
@@ -250,6 +259,7 @@ def size_accuracy_figure(result: dict) -> Figure:
     """Zero-shot shape accuracy by object size for each variant: what masking does to small objects."""
     runs = result["runs"]
     fig, ax = plt.subplots(figsize=(7, 3.6))
+    _chance_line(ax, CHANCE["zero_shot_shape_acc"])
     x = np.arange(2)
     width = 0.8 / max(1, len(runs))
     for k, run in enumerate(runs):
