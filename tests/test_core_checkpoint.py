@@ -1,6 +1,7 @@
 """The one checkpoint format: round trips, errors that say what to do, and every shipped checkpoint giving
 the outputs it gave before it was converted to this format (``tests/data/shipped_outputs.safetensors``
-holds those outputs, computed on fixed inputs with the previous format's loaders)."""
+holds those outputs, computed on fixed inputs with the previous format's loaders; a checkpoint retrained since,
+the EfficientVLM pruned model with the official pruning rules, has its entry recomputed from the new checkpoint)."""
 
 import json
 from pathlib import Path
