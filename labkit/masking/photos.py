@@ -16,4 +16,3 @@ def photo(name: str, size: int = 224) -> torch.Tensor:
         raise ValueError(f"unknown photo {name!r}; accepted: {', '.join(PHOTO_NAMES)}")
     x = torch.from_numpy(getattr(skdata, name)()).permute(2, 0, 1)[None].float() / 255
     return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)[0]
-
