@@ -58,8 +58,8 @@ def masking_bench_table(data: dict) -> str:
 
 
 def masking_eval_table(data: dict) -> str:
-    cols = ["masking", "ratio", "images_seen", "zero_shot_shape_acc", "zero_shot_color_acc", "retrieval_i2t_r1",
-            "retrieval_t2i_r1", "shape_acc_small", "shape_acc_large"]
+    cols = ["run", "images_seen", "tuning_steps", "zero_shot_shape_acc", "zero_shot_color_acc", "retrieval_i2t_r1",
+            "retrieval_t2i_r1", "shape_acc_small", "shape_acc_large", "val_shape_plus_i2t"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(run[c]) for c in cols) + " |" for run in data["runs"]]
     return "\n".join(lines)
@@ -142,7 +142,7 @@ def summary_table() -> str:
     qformer, efficient, tip = _load("eval_qformer"), _load("eval_efficient"), _load("eval_tip")
     vit = next(m for m in masking["models"] if m["model"] == "ViT-B-32")
     speed = {(r["strategy"], r["ratio"]): r["speedup"] for r in vit["rows"]}
-    runs = {(r["masking"], r["ratio"]): r for r in study["runs"]}
+    runs = {r["run"]: r for r in study["runs"]}
     novel = tip["results"]["novel"]
     rows = [
         ("toy CLIP", "[docs/clip.md](docs/clip.md)",
@@ -151,8 +151,8 @@ def summary_table() -> str:
         ("FLIP / Cluster Masking", "[docs/masking.md](docs/masking.md)",
          f"ViT-B-32 vision-tower step at r = 0.75: {fmt(speed[('random', 0.75)])}x (random), "
          f"{fmt(speed[('cluster', 0.75)])}x (cluster); same budget, shape accuracy "
-         f"{fmt(runs[('cluster', 0.75)]['zero_shot_shape_acc'])} (cluster 0.75) vs "
-         f"{fmt(runs[('none', 0.0)]['zero_shot_shape_acc'])} (no masking)"),
+         f"{fmt(runs['cluster:0.75']['zero_shot_shape_acc'])} (cluster 0.75) vs "
+         f"{fmt(runs['none']['zero_shot_shape_acc'])} (no masking)"),
         ("BLIP-2 Q-Former", "[docs/blip2.md](docs/blip2.md)",
          f"VQA {fmt(qformer['vqa_accuracy'])}, caption attributes {fmt(qformer['caption_attribute_accuracy'])}, "
          f"trainable fraction {fmt(qformer['trainable_fraction'])}"),

@@ -265,8 +265,9 @@ def test_bench_masking_fast_reports_ratios_and_ideals():
 def test_eval_masking_fast_same_budget_and_curves():
     from labkit.masking.study import eval_masking
 
-    res = eval_masking(variants=("none", "cluster"), progress=False, curve_points=2)
-    assert [r["masking"] for r in res["runs"]] == ["none", "cluster"]
+    res = eval_masking(variants=("none", "cluster"), unmasked_tuning=0.25, progress=False, curve_points=2)
+    assert [r["run"] for r in res["runs"]] == ["none", "cluster:0.5", "cluster:0.5+tuning"]
+    assert [r["tuning_steps"] for r in res["runs"]] == [0, 0, round(0.25 * res["runs"][2]["planned_steps"])]
     for run in res["runs"]:
         assert run["images_seen"] > 0 and run["curve"]
         assert 0.0 <= run["zero_shot_shape_acc"] <= 1.0 and 0.0 <= run["shape_acc_small"] <= 1.0
@@ -300,11 +301,12 @@ def test_viz_figures_draw(tmp_path):
     figs.append(viz.throughput_figure({"device": "cpu", "dtype": "fp32", "optimizer": "AdamW (fused)", "models": [
         {"model": "toy", "batch": 8, "image_size": 64, "f_stem": 0.1, "rows": rows}]}))
     curve = [{"train_seconds": 1.0, "zero_shot_shape_acc": 0.3, "retrieval_i2t_r1": 0.1}]
-    study = {"budget_s_per_variant": 1, "eval_n": 200, "runs": [{"masking": "random", "ratio": 0.5, "curve": curve,
-                                                                 "shape_acc_small": 0.2, "shape_acc_large": 0.4}]}
+    study = {"budget_s_per_variant": 1, "curve_n": 200, "eval_n": 1000,
+             "runs": [{"run": "random:0.5", "masking": "random", "ratio": 0.5, "unmasked_tuning": 0.0, "curve": curve,
+                       "shape_acc_small": 0.2, "shape_acc_large": 0.4}]}
     figs += [viz.accuracy_vs_time_figure(study), viz.size_accuracy_figure(study)]
     chance = [[line.get_ydata()[0] for line in ax.lines if line.get_linestyle() == ":"] for ax in figs[-2].axes]
-    assert chance == [[pytest.approx(1 / 6)], [pytest.approx(1 / 200)]]  # six shapes; one caption in 200 scenes
+    assert chance == [[pytest.approx(1 / 6)], [pytest.approx(1 / 200)]]  # six shapes; one caption in the curve's 200
     assert [line.get_ydata()[0] for line in figs[-1].axes[0].lines] == [pytest.approx(1 / 6)]
     for i, fig in enumerate(figs):
         fig.savefig(tmp_path / f"{i}.png")
@@ -411,3 +413,18 @@ def test_the_study_chooses_on_validation_and_reports_on_test(monkeypatch):
     runs = {r["masking"]: r for r in result["runs"]}
     assert runs["random"]["zero_shot_shape_acc"] == 0.9 and runs["none"]["val_shape_plus_i2t"] == 1.8
     assert result["best_by_shape_plus_i2t"] == "none"
+
+
+def test_unmasked_tuning_steps_fill_the_same_budget(monkeypatch):
+    """FLIP's unmasked tuning inside the budget: masked steps at their rate plus unmasked ones at theirs."""
+    from labkit.masking.study import plan_steps
+
+    monkeypatch.setenv("LABKIT_FAST", "0")  # the full-size plan
+    assert plan_steps(100.0, 10, masked_rate=50.0) == (500, 0)
+    steps, tuning = plan_steps(100.0, 10, masked_rate=50.0, unmasked_rate=20.0, tuning=0.1)
+    assert tuning == round(0.1 * steps)
+    seconds = (steps - tuning) * 10 / 50.0 + tuning * 10 / 20.0
+    assert seconds == pytest.approx(100.0, abs=10 / 20.0)  # within one unmasked step of the budget
+    assert steps < 500  # the slower unmasked steps cost masked ones
+    with pytest.raises(ValueError, match="share"):
+        plan_steps(100.0, 10, 50.0, 20.0, tuning=1.0)

@@ -19,11 +19,13 @@ def bench_masking_command(models: str = "toy,ViT-B-32", toy_batch: int = 256, vi
 
 
 def eval_masking_command(budget_s: float = 450.0, ratio: float = 0.5,
-                         variants: str = "none,random,cluster,random:0.75,cluster:0.75", batch_size: int = 128,
-                         seed: int = 0, threads: int = 0, save: str | None = None, progress: bool = True) -> dict:
+                         variants: str = "none,random,cluster,random:0.75,cluster:0.75", unmasked_tuning: float = 0.05,
+                         batch_size: int = 128, seed: int = 0, threads: int = 0, save: str | None = None,
+                         progress: bool = True) -> dict:
     """:func:`labkit.masking.study.eval_masking` on comma-separated ``variants``; also written to ``save``."""
     return save_json(eval_masking(budget_s=budget_s, ratio=ratio, variants=tuple(variants.split(",")),
-                                   batch_size=batch_size, seed=seed, threads=threads, progress=progress), save)
+                                   unmasked_tuning=unmasked_tuning, batch_size=batch_size, seed=seed, threads=threads,
+                                   progress=progress), save)
 
 
 def train_masked_clip(masking: str = "random", mask_ratio: float = 0.5, steps: int = 2800, batch_size: int = 128,
@@ -44,7 +46,9 @@ COMMANDS = [
     Command("eval", "masking", eval_masking_command,
             "toy CLIP trained with none/random/cluster masking, same wall-clock budget", {
                 "budget_s": {"help": "training seconds per variant"},
-                "ratio": {"help": "mask ratio of variants given without one"}, "variants": {}, "batch_size": {},
+                "ratio": {"help": "mask ratio of variants given without one"}, "variants": {},
+                "unmasked_tuning": {"help": "share of a masked run's images seen unmasked at its end (FLIP; 0: none)"},
+                "batch_size": {},
                 "seed": {}, "threads": THREADS, "save": SAVE}),
     Command("train", "masked-clip", train_masked_clip, "pretrain the toy CLIP with FLIP or Cluster Masking", {
         "masking": {"choices": STRATEGIES}, "mask_ratio": {}, "steps": {}, "batch_size": {}, "lr": {}, "seed": {},

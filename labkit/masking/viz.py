@@ -233,41 +233,50 @@ def throughput_figure(bench: dict) -> Figure:
     return fig
 
 
+def _run_style(run: dict) -> dict:
+    """One look per study run: colour by strategy, dashed at ratio >= 0.7, hollow square markers after unmasked
+    tuning."""
+    tuned = run.get("unmasked_tuning", 0.0) > 0
+    return {"color": STRATEGY_COLORS.get(run["masking"]), "linestyle": "--" if run["ratio"] >= 0.7 else "-",
+            "marker": "s" if tuned else "o", "markerfacecolor": "white" if tuned else None,
+            "label": run["run"].replace(":", " ").replace("+tuning", " + unmasked tuning")}
+
+
 def accuracy_vs_time_figure(result: dict, metrics=("zero_shot_shape_acc", "retrieval_i2t_r1")) -> Figure:
-    """Accuracy against training seconds for each masking variant (same wall-clock budget), with chance
-    (1 / classes for zero-shot, 1 / scenes for retrieval R@1)."""
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.8), squeeze=False)
+    """Validation accuracy against training seconds for each study run (same wall-clock budget), with chance
+    (1 / classes for zero-shot, 1 / the curve's ``curve_n`` scenes for retrieval R@1)."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.6 * len(metrics), 4.2), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        _chance_line(ax, CHANCE.get(metric, 1 / max(1, result["eval_n"])))
+        _chance_line(ax, CHANCE.get(metric, 1 / max(1, result["curve_n"])))
         for run in result["runs"]:
             xs = [0.0] + [p["train_seconds"] for p in run["curve"]]
             ys = [np.nan] + [p.get(metric, np.nan) for p in run["curve"]]
-            label = run["masking"] + (f" {run['ratio']}" if run["ratio"] else "")
-            ax.plot(xs, ys, marker="o", label=label, color=STRATEGY_COLORS.get(run["masking"]),
-                    linestyle="--" if run["ratio"] >= 0.7 else "-")
+            ax.plot(xs, ys, **_run_style(run))
         ax.set_xlabel("training seconds")
-        ax.set_ylabel(metric)
+        ax.set_ylabel(f"{metric} (validation)")
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle(f"toy CLIP, same budget ({result['budget_s_per_variant']:g} s each)")
     fig.tight_layout()
     return fig
 
 
 def size_accuracy_figure(result: dict) -> Figure:
-    """Zero-shot shape accuracy by object size for each variant: what masking does to small objects."""
+    """Zero-shot shape accuracy (test) by object size for each study run: what masking does to small objects."""
     runs = result["runs"]
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, ax = plt.subplots(figsize=(8, 3.8))
     _chance_line(ax, CHANCE["zero_shot_shape_acc"])
     x = np.arange(2)
     width = 0.8 / max(1, len(runs))
     for k, run in enumerate(runs):
+        style = _run_style(run)
         vals = [run["shape_acc_small"], run["shape_acc_large"]]
-        bars = ax.bar(x + (k - (len(runs) - 1) / 2) * width, vals, width, color=STRATEGY_COLORS.get(run["masking"]),
+        bars = ax.bar(x + (k - (len(runs) - 1) / 2) * width, vals, width, color=style["color"],
                       hatch="//" if run["ratio"] >= 0.7 else None, edgecolor="white",
-                      label=run["masking"] + (f" {run['ratio']}" if run["ratio"] else ""))
-        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+                      alpha=0.55 if run.get("unmasked_tuning", 0.0) > 0 else 1.0, label=style["label"])
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
     ax.set_xticks(x, ["small (12 px)", "large (18 px)"])
     ax.set_ylabel("zero-shot shape accuracy")
     ax.set_ylim(0, 1.1)
