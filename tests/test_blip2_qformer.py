@@ -1,5 +1,7 @@
 """Q-Former (BLIP-2 §3.1), its stage-1 masks and losses (§3.2), and the shared blocks of labkit.core.blocks."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -286,6 +288,24 @@ def test_bad_inputs_raise_clear_errors():
         QFormerConfig.tiny(heads=3)
     with pytest.raises(ValueError, match="cross_attention_frequency"):
         QFormerConfig.tiny(cross_attention_frequency=0)
+
+
+def test_ln_vision_is_a_trainable_layernorm_on_the_frozen_features():
+    """LAVIS's ``ln_vision``: the Q-Former with it equals the one without it fed LayerNorm(features) by hand."""
+    cfg = QFormerConfig.tiny(hidden=32, heads=2, intermediate=64, layers=2, num_queries=4, encoder_width=16,
+                             vocab_size=20, dropout=0.0)
+    torch.manual_seed(0)
+    with_ln = QFormer(replace(cfg, ln_vision=True)).eval()
+    without = QFormer(cfg).eval()
+    assert set(with_ln.state_dict()) - set(without.state_dict()) == {"ln_vision.weight", "ln_vision.bias"}
+    without.load_state_dict({k: v for k, v in with_ln.state_dict().items() if not k.startswith("ln_vision.")})
+    with torch.no_grad():
+        with_ln.ln_vision.weight.uniform_(0.5, 1.5)
+        with_ln.ln_vision.bias.normal_()
+    feats = torch.randn(2, 5, 16) * 3 + 1
+    by_hand = torch.nn.functional.layer_norm(feats, (16,), with_ln.ln_vision.weight, with_ln.ln_vision.bias)
+    assert torch.allclose(with_ln(feats).query, without(by_hand).query, atol=1e-6)
+    assert not torch.allclose(with_ln(feats).query, without(feats).query, atol=1e-3)
 
 
 def test_config_presets():

@@ -327,3 +327,16 @@ def test_training_loops_evaluate_on_validation_never_on_test(monkeypatch):
     stage1, _ = train_stage1(encoder, clip, steps=2, batch_size=4, progress=False)
     train_stage2(encoder, new_text_lm("opt"), stage1, steps=2, batch_size=4, eval_n=4, progress=False)
     assert "val" in splits and "test" not in splits, sorted(set(splits))
+
+
+def test_stage1_with_ln_vision_saves_and_loads_it(tmp_path):
+    """``labkit train qformer --stage 1 --ln-vision``: the LayerNorm is trained, saved, loaded, and stage 2 keeps it."""
+    from labkit.blip2.commands import train_qformer
+    from labkit.blip2.train import checkpoint_dir, load_stage1
+
+    train_qformer(stage="1", steps=2, batch_size=4, assets=str(tmp_path), ln_vision=True, progress=False)
+    stage1 = load_stage1(checkpoint_dir("stage1", tmp_path))
+    assert stage1.config.ln_vision and isinstance(stage1.qformer.ln_vision, torch.nn.LayerNorm)
+    assert not torch.equal(stage1.qformer.ln_vision.weight, torch.ones_like(stage1.qformer.ln_vision.weight))  # trained
+    with pytest.raises(ValueError, match="stage 1"):
+        train_qformer(stage="2", lm="t5", assets=str(tmp_path), ln_vision=True, progress=False)

@@ -25,13 +25,15 @@ STAGES = ("lm", "1", "2")
 def train_qformer(stage: str = "1", lm: str = "opt", steps: int = 3000, batch_size: int = 64, lr: float = 1e-3,
                   seed: int = 0, time_budget_s: float | None = None, clip: str = "toy", assets: str | None = None,
                   no_stage1: bool = False, eval_n: int = 200, text_conditioned: bool = False, shape_share: float = 0.0,
-                  progress: bool = True) -> dict:
+                  ln_vision: bool = False, progress: bool = True) -> dict:
     """Train one BLIP-2 part into ``assets`` (default: the shipped folder): ``stage="lm"`` the frozen LM on text
     alone, ``"1"`` the Q-Former with ITC + ITM + ITG, ``"2"`` the soft prompts into the LM of kind ``lm``."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; accepted: {', '.join(STAGES)}")
     if stage != "1":
         check_lm_kind(lm)  # before anything slow
+        if ln_vision:
+            raise ValueError("--ln-vision belongs to stage 1 (stage 2 inherits the stage-1 Q-Former with its LayerNorm)")
     common = dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed, time_budget_s=time_budget_s, progress=progress)
     if stage == "lm":
         out = checkpoint_dir(f"lm_{lm}", assets)
@@ -41,7 +43,7 @@ def train_qformer(stage: str = "1", lm: str = "opt", steps: int = 3000, batch_si
     encoder = load_encoder(clip_model)
     if stage == "1":
         out = checkpoint_dir("stage1", assets)
-        _, info = train_stage1(encoder, clip_model, out=out, **common)
+        _, info = train_stage1(encoder, clip_model, out=out, ln_vision=ln_vision, **common)
         return {"out": str(out), **{k: v for k, v in info.items() if not k.startswith("curve")}}
     out = checkpoint_dir(f"stage2_{lm}", assets)
     stage1 = None if no_stage1 else load_stage1(checkpoint_dir("stage1", assets))
@@ -76,7 +78,8 @@ COMMANDS = [
         "no_stage1": {"help": "stage 2 from a fresh Q-Former instead of the stage-1 one"},
         "eval_n": {"help": "held-out scenes evaluated after stage 2"},
         "text_conditioned": {"help": "stage 2: the Q-Former also reads the question (BLIP-2's VQA set-up, §4.3)"},
-        "shape_share": {"help": "stage 2: share of VQA samples that are 'what shape is the <colour> object?' (0: uniform)"}}),
+        "shape_share": {"help": "stage 2: share of VQA samples that are 'what shape is the <colour> object?' (0: uniform)"},
+        "ln_vision": {"help": "stage 1: LAVIS's trainable LayerNorm on the frozen image features (off in the shipped recipe)"}}),
     Command("eval", "qformer", eval_qformer, "BLIP-2 stage 2 captioning/VQA, stage-1 ITC R@1, HF equivalence, param counts", {
         "lm": {"help": "whose stage 2 to evaluate: t5 (the shipped best) or opt"},
         "n": {"help": "held-out scenes for captioning and VQA"},

@@ -44,6 +44,7 @@ class QFormerConfig:
     max_positions: int = 512
     layer_norm_eps: float = 1e-12
     dropout: float = 0.1
+    ln_vision: bool = False  # LAVIS's trainable LayerNorm on the frozen image features (``Blip2Base.ln_vision``)
 
     def __post_init__(self):
         for name in ("hidden", "layers", "heads", "intermediate", "num_queries", "encoder_width",
@@ -160,6 +161,10 @@ class QFormer(nn.Module):
       (queries and text in one pass under :func:`attention_masks`).
     - One LayerNorm normalises the concatenated ``[queries; text]`` embeddings, as in LAVIS and
       ``transformers``; text gets word + learned position embeddings (no token types).
+    - ``config.ln_vision``: a trainable LayerNorm on the frozen image features before cross-attention, as LAVIS's
+      ``Blip2Base.ln_vision`` (in ``transformers`` it is the vision model's ``post_layernorm``, outside the
+      Q-Former, so :func:`labkit.blip2.hf.load_hf_qformer` leaves it off). The ToyWorld stages leave it off too:
+      measured in ``docs/blip2.md``.
     """
 
     def __init__(self, config: QFormerConfig):
@@ -170,6 +175,7 @@ class QFormer(nn.Module):
         self.position_embeddings = nn.Embedding(c.max_positions, c.hidden)
         self.embed_norm = nn.LayerNorm(c.hidden, eps=c.layer_norm_eps)
         self.embed_dropout = nn.Dropout(c.dropout)
+        self.ln_vision = nn.LayerNorm(c.encoder_width) if c.ln_vision else nn.Identity()
         self.layers = nn.ModuleList(QFormerLayer(c, i % c.cross_attention_frequency == 0) for i in range(c.layers))
         self.apply(_init_bert_weights)
         nn.init.normal_(self.query_tokens, std=0.02)  # BLIP-2 initialises the queries like BERT weights
@@ -211,7 +217,7 @@ class QFormer(nn.Module):
         n_query = 0 if mode == "text" else self.config.num_queries
         if n_query:
             parts.append(self.query_tokens.expand(image_feats.shape[0], -1, -1))
-            image_feats = image_feats.to(self.query_tokens.dtype)
+            image_feats = self.ln_vision(image_feats.to(self.query_tokens.dtype))
         if text_ids is not None:
             parts.append(self.embed_text(text_ids))
             if text_attention_mask is None:

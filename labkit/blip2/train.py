@@ -30,14 +30,16 @@ from labkit.data.tokenizer import EOT, PAD, SOT
 CONTEXT = 64  # LM context: 16 soft prompts + up to 48 text tokens
 
 
-def stage1_config() -> QFormerConfig:
+def stage1_config(ln_vision: bool = False) -> QFormerConfig:
     """The tiny Q-Former of every ToyWorld stage (vocabulary + [DEC]). Dropout is 0 where LAVIS's BERT config
-    has 0.1: every batch is freshly rendered, so there is no fixed training set to overfit (0.1 is untested here)."""
-    return QFormerConfig.tiny(vocab_size=tokenizer().vocab_size + 1, max_positions=TEXT_LEN, dropout=0.0)
+    has 0.1: every batch is freshly rendered, so there is no fixed training set to overfit (0.1 is untested here).
+    ``ln_vision`` adds LAVIS's LayerNorm on the frozen features (off: see ``docs/blip2.md``)."""
+    return QFormerConfig.tiny(vocab_size=tokenizer().vocab_size + 1, max_positions=TEXT_LEN, dropout=0.0,
+                              ln_vision=ln_vision)
 
 
-def new_stage1() -> Blip2Stage1:
-    return Blip2Stage1(stage1_config(), dec_token_id=tokenizer().vocab_size, embed_dim=128)
+def new_stage1(ln_vision: bool = False) -> Blip2Stage1:
+    return Blip2Stage1(stage1_config(ln_vision), dec_token_id=tokenizer().vocab_size, embed_dim=128)
 
 
 def new_text_lm(kind: str) -> nn.Module:
@@ -106,10 +108,11 @@ def load_text_lm(path: str | Path) -> nn.Module:
 
 def train_stage1(encoder: FrozenPatchEncoder, clip: ClipModel, steps: int = 2000, batch_size: int = 64, lr: float = 1e-3,
                  seed: int = 0, time_budget_s: float | None = None, out: str | Path | None = None,
-                 progress: bool = True, meta: dict | None = None) -> tuple[Blip2Stage1, dict]:
-    """Stage 1 (§3.2): ITC + ITM + ITG on fresh scenes; saves only the Q-Former and heads (the encoder is frozen)."""
+                 progress: bool = True, meta: dict | None = None, ln_vision: bool = False) -> tuple[Blip2Stage1, dict]:
+    """Stage 1 (§3.2): ITC + ITM + ITG on fresh scenes; saves only the Q-Former and heads (the encoder is frozen).
+    ``ln_vision``: LAVIS's trainable LayerNorm on the frozen features (stage 2 inherits it with the Q-Former)."""
     torch.manual_seed(seed)
-    model, started = new_stage1(), time.perf_counter()
+    model, started = new_stage1(ln_vision), time.perf_counter()
 
     def loss_fn(m, batch):
         out = m(*batch)
@@ -126,7 +129,8 @@ def train_stage1(encoder: FrozenPatchEncoder, clip: ClipModel, steps: int = 2000
     if out:
         _save(out, model.state_dict(), {"qformer": model.config.to_dict(), "dec_token_id": model.dec_token_id,
                                         "embed_dim": model.vision_proj.out_features}, info, {"clip": clip.name, **(meta or {})},
-              invocation("labkit.blip2.train.train_stage1", steps=steps, batch_size=batch_size, lr=lr, seed=seed))
+              invocation("labkit.blip2.train.train_stage1", steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                         ln_vision=ln_vision))
     return model, info
 
 
