@@ -27,13 +27,13 @@ def _shipped(what: str, path: str | None) -> Path:
 RECIPES = {  # the shipped checkpoints' recipes (their metadata.json records the exact commands)
     "teacher": {"steps": 900, "lr": 2e-4},
     "student": {"steps": 4000, "lr": 2e-4},
-    "pruned": {"steps": 1000, "lr": 1e-4, "target": 0.3, "recover_steps": 500},
+    "pruned": {"steps": 1000, "lr": 1e-4, "target": 0.5, "recover_steps": 1000},  # target chosen on validation
 }
 
 
 def train_vlm(what: str, steps: int | None = None, batch_size: int = 64, lr: float | None = None, seed: int = 0,
               clip: str = "toy", eval_n: int = 500, out: str | None = None, teacher: str | None = None,
-              student: str | None = None, init: str | None = None, target: float = 0.3, recover_steps: int = 500,
+              student: str | None = None, init: str | None = None, target: float = 0.5, recover_steps: int = 1000,
               progress: bool = True) -> dict:
     """Train one EfficientVLM stage and save it to ``out`` (default: the shipped folder): ``what="teacher"`` from
     the toy CLIP towers, ``"student"`` distilled from ``teacher`` (or further from ``init``), ``"pruned"`` the
@@ -81,7 +81,7 @@ def train_vlm(what: str, steps: int | None = None, batch_size: int = 64, lr: flo
 
 
 def eval_efficient_command(teacher: str | None = None, student: str | None = None, pruned: str | None = None,
-                           clip: str = "toy", n: int = 1000, sweep: str = "0.3,0.5,0.7,0.8", sweep_steps: int = 500,
+                           clip: str = "toy", n: int = 1000, sweep: str = "0.3,0.5,0.7,0.8", sweep_steps: int = 800,
                            sweep_recover_steps: int = 150, bench_batch: int = 128, repeats: int = 15,
                            save: str | None = None, progress: bool = True) -> dict:
     """:func:`labkit.efficientvlm.eval.eval_efficient` on the shipped (or given) checkpoints; also written to ``save``."""

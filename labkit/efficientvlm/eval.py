@@ -112,7 +112,7 @@ def inference_speedup(baseline: ToyVLM, candidates: dict[str, ToyVLM], images: t
 
 
 def eval_efficient(clip: ClipModel, teacher: ToyVLM, student: ToyVLM, pruned: ToyVLM, sweep_targets=(0.3, 0.5, 0.7, 0.8),
-                   sweep_steps: int = 500, sweep_recover_steps: int = 150, n: int = 1000, bench_batch: int = 128,
+                   sweep_steps: int = 800, sweep_recover_steps: int = 150, n: int = 1000, bench_batch: int = 128,
                    repeats: int = 15, seed: int = 0, rerank_k: int = 16, progress: bool = True) -> dict:
     """Sizes, speedup over the teacher, retention and per-modality sparsity; plus a sweep of pruning targets.
 
@@ -167,7 +167,7 @@ def eval_efficient(clip: ClipModel, teacher: ToyVLM, student: ToyVLM, pruned: To
         "sparsity_by_modality": sparsity(pruned),
         "metrics": metrics, "sweep": sweep, "sweep_steps": sweep_steps,
         "sweep_recover_steps": sweep_recover_steps, "n_scenes": n,
-        "device": str(next(teacher.parameters()).device),
+        "device": str(next(teacher.parameters()).device), "threads": torch.get_num_threads(),
     }
 
 

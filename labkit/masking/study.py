@@ -66,9 +66,13 @@ def _label(variant: str, ratio: float, tuning: float) -> str:
     return variant + (f":{ratio}" if ratio else "") + ("+tuning" if tuning else "")
 
 
+PLANNED_SHARE = 0.97  # steps are planned for 97 % of the budget, so that a run a little slower than its
+# calibration still reaches its last (unmasked tuning) steps before the budget stops it
+
+
 def plan_steps(budget_s: float, batch_size: int, masked_rate: float, unmasked_rate: float | None = None,
                tuning: float = 0.0) -> tuple[int, int]:
-    """(steps, unmasked tuning steps) that fill ``budget_s`` at the measured images/s.
+    """(steps, unmasked tuning steps) that fill :data:`PLANNED_SHARE` of ``budget_s`` at the measured images/s.
 
     Without tuning: ``budget * masked_rate / batch`` steps. With a ``tuning`` share of the images unmasked, the
     images ``n`` solve ``n (1 - tuning) / masked_rate + n tuning / unmasked_rate = budget``: the slower unmasked
@@ -76,6 +80,7 @@ def plan_steps(budget_s: float, batch_size: int, masked_rate: float, unmasked_ra
     """
     if not 0.0 <= tuning < 1.0:
         raise ValueError(f"unmasked_tuning must be a share of the training images in [0, 1), got {tuning}")
+    budget_s = PLANNED_SHARE * budget_s
     images = budget_s / ((1 - tuning) / masked_rate + (tuning / unmasked_rate if tuning else 0.0))
     steps = shorten(max(2, int(images / batch_size)), TrainConfig.fast_steps)  # what fit will run
     return steps, (max(1, round(tuning * steps)) if tuning else 0)
@@ -92,7 +97,8 @@ def eval_masking(budget_s: float = 450.0, ratio: float = 0.5,
     (FLIP's unmasked tuning; 0 skips those runs).
     The step count of each run is set from its measured throughput so that its learning-rate
     schedule ends when the budget does (a masked run takes more, cheaper steps); the budget also
-    stops each run hard (``TrainConfig.time_budget_s``; evaluation time is not counted).
+    stops each run hard (``TrainConfig.time_budget_s``; evaluation time is not counted), and
+    ``tuning_steps_done`` records how many of a run's unmasked steps ran before it did.
     The curve (on ``eval_n`` validation scenes) and the choice of the best run use the validation split;
     the final figures are the test split's (``final_n`` scenes), read once per run.
     """
@@ -129,6 +135,7 @@ def eval_masking(budget_s: float = 450.0, ratio: float = 0.5,
                   if isinstance(v, (int, float))} for e in record["evals"]]
         runs.append({"run": _label(variant, r, tuning), "masking": variant, "ratio": r, "unmasked_tuning": tuning,
                      "planned_steps": steps, "tuning_steps": tuning_steps, "steps": record["steps"],
+                     "tuning_steps_done": max(0, record["steps"] - (steps - tuning_steps)) if tuning_steps else 0,
                      "train_seconds": round(last["train_seconds"], 1), "images_seen": last["images_seen"],
                      "images_per_s": round(last["images_seen"] / last["train_seconds"], 1),
                      **{k: round(v, 4) for k, v in final.items()},

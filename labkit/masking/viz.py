@@ -258,7 +258,9 @@ def accuracy_vs_time_figure(result: dict, metrics=("zero_shot_shape_acc", "retri
         ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.suptitle(f"toy CLIP, same budget ({result['budget_s_per_variant']:g} s each)")
+    threads = result.get("threads")
+    fig.suptitle(f"toy CLIP, same budget ({result['budget_s_per_variant']:g} s each"
+                 + (f", {threads} CPU thread{'s' if threads != 1 else ''})" if threads else ")"))
     fig.tight_layout()
     return fig
 
@@ -266,7 +268,7 @@ def accuracy_vs_time_figure(result: dict, metrics=("zero_shot_shape_acc", "retri
 def size_accuracy_figure(result: dict) -> Figure:
     """Zero-shot shape accuracy (test) by object size for each study run: what masking does to small objects."""
     runs = result["runs"]
-    fig, ax = plt.subplots(figsize=(8, 3.8))
+    fig, ax = plt.subplots(figsize=(10, 3.8))
     _chance_line(ax, CHANCE["zero_shot_shape_acc"])
     x = np.arange(2)
     width = 0.8 / max(1, len(runs))
@@ -276,9 +278,9 @@ def size_accuracy_figure(result: dict) -> Figure:
         bars = ax.bar(x + (k - (len(runs) - 1) / 2) * width, vals, width, color=style["color"],
                       hatch="//" if run["ratio"] >= 0.7 else None, edgecolor="white",
                       alpha=0.55 if run.get("unmasked_tuning", 0.0) > 0 else 1.0, label=style["label"])
-        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        ax.bar_label(bars, fmt="%.2f", fontsize=6.5)
     ax.set_xticks(x, ["small (12 px)", "large (18 px)"])
-    ax.set_ylabel("zero-shot shape accuracy")
+    ax.set_ylabel("zero-shot shape accuracy (test)")
     ax.set_ylim(0, 1.1)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
