@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export GRADIO_ANALYTICS_ENABLED ?= False
 
-.PHONY: lab app test lint clean
+.PHONY: lab app book test lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ lab: $(STAMP)  ## JupyterLab on notebooks/
 
 app: $(STAMP)  ## the classroom demo (every method, one tab each) on the embedded default
 	$(BIN)/labkit app
+
+book: $(STAMP)  ## notebooks 00-05 executed (full mode; LABKIT_FAST=1 for fast) as an HTML lab book in build/book/
+	$(BIN)/python scripts/build_book.py
 
 test: $(STAMP)  ## everything CI runs: lint, unit tests, every notebook in fast mode
 	$(BIN)/ruff check labkit app tests scripts
