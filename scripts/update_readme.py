@@ -58,10 +58,16 @@ def masking_bench_table(data: dict) -> str:
 
 
 def masking_eval_table(data: dict) -> str:
-    cols = ["run", "images_seen", "tuning_steps", "zero_shot_shape_acc", "zero_shot_color_acc", "retrieval_i2t_r1",
-            "retrieval_t2i_r1", "shape_acc_small", "shape_acc_large", "val_shape_plus_i2t"]
+    cols = ["run", "images_seen", "unmasked steps run / planned", "zero_shot_shape_acc", "zero_shot_color_acc",
+            "retrieval_i2t_r1", "retrieval_t2i_r1", "shape_acc_small", "shape_acc_large", "val_shape_plus_i2t"]
+
+    def cell(run: dict, c: str) -> str:
+        if c == "unmasked steps run / planned":
+            return f"{run['tuning_steps_done']} / {run['tuning_steps']}" if run["tuning_steps"] else "-"
+        return fmt(run[c])
+
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(run[c]) for c in cols) + " |" for run in data["runs"]]
+    lines += ["| " + " | ".join(cell(run, c) for c in cols) + " |" for run in data["runs"]]
     return "\n".join(lines)
 
 

@@ -257,7 +257,7 @@ def accuracy_vs_time_figure(result: dict, metrics=("zero_shot_shape_acc", "retri
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.legend(handles, labels, fontsize=8, handlelength=4, loc="center left", bbox_to_anchor=(1.0, 0.5))
     threads = result.get("threads")
     fig.suptitle(f"toy CLIP, same budget ({result['budget_s_per_variant']:g} s each"
                  + (f", {threads} CPU thread{'s' if threads != 1 else ''})" if threads else ")"))
