@@ -71,6 +71,10 @@ def masking_eval_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def _threads(n: int | None) -> str:
+    return "" if not n else f", {n} thread" + ("s" if n > 1 else "")
+
+
 def efficient_table(data: dict) -> str:
     cols = ("| model | params | speedup | ITM acc | retrieval R@1 (ITC) | R@1 re-ranked by ITM | ITM retention | "
             "retrieval retention (ITC / re-ranked) | sparsity v / t / f |")
@@ -97,7 +101,8 @@ def efficient_table(data: dict) -> str:
                          m[f"target_{r['target']}"], r["sparsity_by_modality"]))
     lines.append("")
     lines.append(f"Speed: median of `match_scores` on {data['bench_batch']} image-caption pairs, teacher "
-                 f"{data['teacher_ms']:.0f} ms, pruned {data['pruned_ms']:.0f} ms ({data['device']}); "
+                 f"{data['teacher_ms']:.0f} ms, pruned {data['pruned_ms']:.0f} ms ({data['device']}"
+                 f"{_threads(data.get('threads'))}); "
                  f"accuracy on {data['n_scenes']} held-out test scenes; re-ranking: the ITM head re-scores the "
                  f"top {data['rerank_k']} ITC candidates of each query, as the paper's retrieval evaluation does.")
     return "\n".join(lines)
