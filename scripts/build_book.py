@@ -33,7 +33,7 @@ from queue import Empty
 
 import nbformat
 from nbclient import NotebookClient
-from nbclient.exceptions import CellExecutionError, CellTimeoutError
+from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 from nbclient.output_widget import OutputWidget
 from nbconvert import HTMLExporter
 from nbformat.v4 import output_from_msg
@@ -157,13 +157,15 @@ def execute(notebook: Path, cell_timeout: int):
                         on_cell_execute=lambda cell, cell_index: running.update(cell=cell, index=cell_index))
     try:
         client.execute(env=kernel_env())
-    except (CellTimeoutError, CellExecutionError) as err:
+    except (CellTimeoutError, CellExecutionError, DeadKernelError) as err:
         where = notebook.name
         if running:
             where += f", cell {running['index']} ({_first_line(running['cell'].source)!r})"
         if isinstance(err, CellTimeoutError):
             raise BookError(f"{where} did not finish within {cell_timeout} s; the kernel was stopped "
                             "(raise --cell-timeout if the cell is only slow)") from err
+        if isinstance(err, DeadKernelError):
+            raise BookError(f"{where}: the kernel died (killed from outside, or out of memory)") from err
         raise BookError(f"{where} raised an error:\n{err}") from err
     return nb
 

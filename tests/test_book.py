@@ -78,6 +78,12 @@ def test_a_cell_that_does_not_finish_fails_the_build_naming_the_notebook_and_the
         build_book.build_book(tmp_path / "site", [notebook], cell_timeout=3)
 
 
+def test_a_kernel_that_dies_fails_the_build_naming_the_notebook_and_the_cell(tmp_path):
+    notebook = small_notebook(tmp_path, "x = 1", "import os\nos._exit(1)")
+    with pytest.raises(build_book.BookError, match=r"09_small\.ipynb, cell 2 \('import os'\): the kernel died"):
+        build_book.build_book(tmp_path / "site", [notebook], cell_timeout=30)
+
+
 def test_an_output_widget_shows_its_last_drawing_and_keeps_what_the_cell_printed(tmp_path):
     """As notebook 05's alpha/beta sliders: print, then draw twice into an Output widget that clears itself."""
     notebook = small_notebook(tmp_path, """\
