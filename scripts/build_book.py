@@ -4,8 +4,8 @@
     LABKIT_FAST=1 python scripts/build_book.py --out /tmp/book     # fast mode (about 2 minutes on 2 CPU cores)
     python scripts/build_book.py 01 05                             # only notebooks 01 and 05
 
-Full mode runs every notebook as a student would: about 25 minutes on a 2-core CPU, most of it in
-notebooks 01, 02 and 04 (their own cells state their run times).
+Full mode runs every notebook as a student would: about 17 minutes on a quiet 2-core CPU (25 measured on
+one core), most of it in notebooks 01, 02 and 04 (their first cells state their run times).
 
 Each page is ``<notebook>.html`` in the site folder: the executed notebook with its code, printed results
 and figures embedded as PNG images, so a page is one self-contained file. ``index.html`` links the pages
