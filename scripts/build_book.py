@@ -135,6 +135,24 @@ def poll_in_slices(get_msg, step: float = 1.0):
     return sliced
 
 
+def guard_nbclient() -> None:
+    """Give every nbclient ``NotebookClient`` in this process both guards (the test suite's notebook runs under
+    nbmake use it): Output widgets never send their state back to the kernel, and the shell channel is polled in
+    slices (:func:`poll_in_slices`)."""
+    OutputWidget.sync_state = StaticOutput.sync_state
+    start = NotebookClient.async_start_new_kernel_client
+    if getattr(start, "guarded", False):
+        return
+
+    async def guarded_start(self):
+        kc = await start(self)
+        kc.shell_channel.get_msg = poll_in_slices(kc.shell_channel.get_msg)
+        return kc
+
+    guarded_start.guarded = True
+    NotebookClient.async_start_new_kernel_client = guarded_start
+
+
 class BookClient(NotebookClient):
     """nbclient's NotebookClient with :class:`StaticOutput` for Output widgets and a shell channel polled in slices."""
 
