@@ -38,8 +38,6 @@ from nbclient.output_widget import OutputWidget
 from nbconvert import HTMLExporter
 from nbformat.v4 import output_from_msg
 
-from labkit.core.train import fast_mode
-
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 DEFAULT_OUT = ROOT / "build" / "book"
@@ -225,6 +223,8 @@ def write_index(out: Path, pages: list[dict], fast: bool) -> Path:
 
 def build_book(out: Path = DEFAULT_OUT, notebooks: list[Path] | None = None, cell_timeout: int | None = None) -> list[dict]:
     """Execute every chapter and write its page plus an index into ``out``; returns one record per page."""
+    from labkit.core.train import fast_mode  # here, not at import: the test suite's conftest sets torch's threads first
+
     cell_timeout = cell_timeout or (300 if fast_mode() else 1200)
     out.mkdir(parents=True, exist_ok=True)
     pages = []
