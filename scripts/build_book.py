@@ -152,16 +152,12 @@ def guard_nbclient() -> None:
 
 
 class BookClient(NotebookClient):
-    """nbclient's NotebookClient with :class:`StaticOutput` for Output widgets and a shell channel polled in slices."""
+    """nbclient's NotebookClient with :class:`StaticOutput` for Output widgets (the shell channel is polled in
+    slices by :func:`guard_nbclient`, applied once per build)."""
 
     def __init__(self, nb, **kwargs):
         super().__init__(nb, **kwargs)
         self.widget_registry = {"@jupyter-widgets/output": {"OutputModel": StaticOutput}}
-
-    async def async_start_new_kernel_client(self):
-        kc = await super().async_start_new_kernel_client()
-        kc.shell_channel.get_msg = poll_in_slices(kc.shell_channel.get_msg)
-        return kc
 
 
 def execute(notebook: Path, cell_timeout: int):
@@ -225,6 +221,7 @@ def build_book(out: Path = DEFAULT_OUT, notebooks: list[Path] | None = None, cel
     """Execute every chapter and write its page plus an index into ``out``; returns one record per page."""
     from labkit.core.train import fast_mode  # here, not at import: the test suite's conftest sets torch's threads first
 
+    guard_nbclient()
     cell_timeout = cell_timeout or (300 if fast_mode() else 1200)
     out.mkdir(parents=True, exist_ok=True)
     pages = []
