@@ -133,3 +133,10 @@ def test_a_reply_that_lands_while_the_client_sends_on_the_shell_channel_is_still
             await km.shutdown_kernel(now=True)
 
     assert asyncio.run(scenario()) < 3
+
+
+def test_an_unknown_notebook_number_is_refused_naming_the_accepted_ones(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_book.main(["07"])
+    assert exit_info.value.code == 2
+    assert "no notebook numbered 07; accepted: 00, 01, 02, 03, 04, 05" in capsys.readouterr().err
