@@ -176,18 +176,39 @@ def test_lagrangian_drives_expected_sparsity_to_target():
     assert lagrangian.lambda_2.item() > 0, "gradient ascent must grow the quadratic multiplier"
 
 
+def test_dual_restart_resets_the_multiplier_once_the_constraint_holds():
+    lagrangian = eff.Lagrangian()
+    with torch.no_grad():
+        lagrangian.lambda_1.fill_(-5.0)
+    lagrangian.restart_(0.42, 0.4)  # sparsity reached: restart
+    assert lagrangian.lambda_1.item() == 0.0
+    with torch.no_grad():
+        lagrangian.lambda_1.fill_(-5.0)
+    lagrangian.restart_(0.38, 0.4)  # still short: the multiplier keeps pushing
+    assert lagrangian.lambda_1.item() == -5.0
+    with torch.no_grad():
+        lagrangian.lambda_1.fill_(3.0)
+    lagrangian.restart_(0.38, 0.4)  # a multiplier that would push sparsity down while short is projected to 0
+    assert lagrangian.lambda_1.item() == 0.0
+
+
 @pytest.mark.parametrize("target", [0.3, 0.7])
 def test_pruning_with_a_task_loss_realises_its_target(clip, monkeypatch, target):
-    """The whole recipe (distillation loss + Lagrangian, clamp, official finalize) on a small VLM: the model that
-    comes out has the sparsity that was asked for (at most one unit's rounding per site off)."""
+    """The whole recipe (distillation loss + Lagrangian with dual restarts, clamp, official finalize) on a small VLM:
+    the model that comes out has the sparsity that was asked for (at most one unit's rounding per site off), and
+    after the warm-up the expected sparsity never overshoots (without dual restarts it peaks at 0.41 for 0.3 and
+    0.83 for 0.7 on this model, the multiplier's wind-up)."""
     monkeypatch.setenv("LABKIT_FAST", "0")
     teacher = tiny_vlm(vision_layers=4, intermediate=64)
     student = make_student(teacher)
-    pruned, record = eff.prune_student(student, teacher, clip, target, steps=400, batch_size=8, progress=False)
+    steps = 400
+    pruned, record = eff.prune_student(student, teacher, clip, target, steps=steps, batch_size=8, progress=False)
     full, kept = eff.Gates(student).total_params(), eff.Gates(pruned).total_params()
     realised = 1 - sum(kept.values()) / sum(full.values())
     assert record["history"][-1]["expected_sparsity"] == pytest.approx(target, abs=0.01)
     assert realised == pytest.approx(target, abs=0.03)
+    after_warmup = [h["expected_sparsity"] for h in record["history"][int(0.3 * steps):]]
+    assert max(after_warmup) <= target + 0.05
     snapshot = record["gate_snapshots"][-1][1]  # sigmoid(log alpha) stays inside the clamp's range
     assert all(0.0099 <= float(g.min()) and float(g.max()) <= 0.9901 for g in snapshot.values())
 
@@ -246,7 +267,8 @@ def test_recovery_distils_a_finalized_model_without_attention_kd(clip, batch):
     with torch.no_grad():
         gates.log_alpha[0].copy_(torch.tensor([-9.0, 5.0, 5.0, 5.0]))  # one vision head of layer 0 removed
     eff.finalize(student, gates)
-    with pytest.raises(RuntimeError):  # 3 heads against the teacher's 4: attention-score KD cannot apply
+    # 3 heads against the teacher's 4: attention-score KD cannot apply (torch warns about the sizes, then raises)
+    with pytest.raises(RuntimeError), pytest.warns(UserWarning, match="target size"):
         distillation_loss(student, teacher, batch)
     _, metrics = distillation_loss(student, teacher, batch, attention=False)
     assert all(metrics[f"kd_{m}_attn"] == 0.0 for m in ("vision", "text", "fusion")) and metrics["kd_vision_hidden"] > 0

@@ -34,10 +34,11 @@ RECIPES = {  # the shipped checkpoints' recipes (their metadata.json records the
 def train_vlm(what: str, steps: int | None = None, batch_size: int = 64, lr: float | None = None, seed: int = 0,
               clip: str = "toy", eval_n: int = 500, out: str | None = None, teacher: str | None = None,
               student: str | None = None, init: str | None = None, target: float = 0.5, recover_steps: int = 1000,
-              progress: bool = True) -> dict:
+              plain_lagrangian: bool = False, progress: bool = True) -> dict:
     """Train one EfficientVLM stage and save it to ``out`` (default: the shipped folder): ``what="teacher"`` from
     the toy CLIP towers, ``"student"`` distilled from ``teacher`` (or further from ``init``), ``"pruned"`` the
-    ``student`` pruned to ``target`` sparsity, then recovered for ``recover_steps``. ``steps`` and ``lr`` default
+    ``student`` pruned to ``target`` sparsity, then recovered for ``recover_steps`` (``plain_lagrangian``: without
+    dual restarts, as the shipped checkpoint was pruned). ``steps`` and ``lr`` default
     to the shipped recipe of that stage (:data:`RECIPES`); validation scenes are evaluated during training."""
     if what not in WHATS:
         raise ValueError(f"unknown EfficientVLM stage {what!r}; accepted: {', '.join(WHATS)}")
@@ -60,13 +61,14 @@ def train_vlm(what: str, steps: int | None = None, batch_size: int = 64, lr: flo
         else:
             student_model = load_vlm(_shipped("student", student), clip_model.device)
             model, record = prune_student(student_model, teacher_model, clip_model, target, steps, lr=lr,
-                                          recover_steps=recover_steps, **common)
+                                          recover_steps=recover_steps, dual_restart=not plain_lagrangian, **common)
             record["evals"] = [evaluate(model)]
     wall = time.perf_counter() - started
     out = _shipped(what, out)
     history = record["history"]
     meta = {"command": invocation("labkit.efficientvlm.commands.train_vlm", what=what, steps=steps, batch_size=batch_size,
-                                  lr=lr, seed=seed, target=target, recover_steps=recover_steps),
+                                  lr=lr, seed=seed, target=target, recover_steps=recover_steps,
+                                  plain_lagrangian=plain_lagrangian),
             "steps": record["steps"], "wall_seconds": round(wall, 1), "device": str(clip_model.device),
             "val": record["evals"][-1],
             "curve": [{k: v for k, v in h.items() if isinstance(v, float | int)}
@@ -74,7 +76,7 @@ def train_vlm(what: str, steps: int | None = None, batch_size: int = 64, lr: flo
     if init_model is not None:  # provenance of a student distilled further
         meta["init_from"] = {k: init_model.meta.get(k) for k in ("command", "steps", "wall_seconds", "init_from")}
     if what == "pruned":
-        meta.update(target=target, sparsity_by_modality=record["sparsity_by_modality"],
+        meta.update(target=target, dual_restart=not plain_lagrangian, sparsity_by_modality=record["sparsity_by_modality"],
                     recover_steps=record.get("recovery", {}).get("steps", 0))
     save_vlm(model, out, meta)
     return {"out": str(out), "steps": record["steps"], "wall_seconds": round(wall, 1), **record["evals"][-1]}
@@ -109,7 +111,9 @@ COMMANDS = [
     Command("train", "pruned", train_vlm, "EfficientVLM: modal-adaptive L0 pruning of the student",
             {**COMMON, "teacher": {"help": "teacher " + CKPT}, "student": {"help": "student " + CKPT},
              "target": {"help": "global target sparsity in [0, 1)"},
-             "recover_steps": {"help": "distil the finalized model from the teacher for this many more steps"}},
+             "recover_steps": {"help": "distil the finalized model from the teacher for this many more steps"},
+             "plain_lagrangian": {"help": "train the Lagrange multipliers without dual restarts, as the official code "
+                                          "does (the shipped checkpoint's recipe)"}},
             fixed={"what": "pruned"}, defaults=RECIPES["pruned"]),
     Command("eval", "efficient", eval_efficient_command,
             "EfficientVLM: sizes, speedup and retention of student and pruned model", {
