@@ -75,6 +75,9 @@ def test_train_pruned_fast_mode_prunes_recovers_and_saves(tmp_path, capsys, monk
 
     model = load_vlm(out)
     assert model.meta["recover_steps"] == 2 and set(model.meta["sparsity_by_modality"]) == {"vision", "text", "fusion"}
+    assert model.meta["dual_restart"] is True
+    assert main(["train", "pruned", "--plain-lagrangian", "--recover-steps", "0", "--out", str(out), "--json"]) == 0
+    assert load_vlm(out).meta["dual_restart"] is False
     assert main(["train", "pruned", "--recover-steps", "-1", "--out", str(out), "--json"]) == 2
     assert "recover_steps must be >= 0" in capsys.readouterr().err
 
