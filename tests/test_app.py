@@ -332,6 +332,15 @@ def client(model):
     demo.close()
 
 
+def test_the_queue_does_not_rebuild_its_latency_summary_after_every_event(model, monkeypatch):
+    """Gradio's default rebuilds a DataFrame of up to 10,000 past events after each one; the app's queue does not."""
+    queue = m.build_demo(model)._queue
+    monkeypatch.setattr(type(queue), "_get_df", staticmethod(lambda records: pytest.fail("summary rebuilt")))
+    for _ in range(100):
+        queue.events_recorded += 1
+        queue.compute_analytics_summary([{"function": "classify", "status": "success", "process_time": 0.1}])
+
+
 def test_gradio_client_round_trip(client, model, images):
     from gradio_client import handle_file
 
