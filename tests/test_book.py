@@ -2,18 +2,13 @@
 self-contained HTML page with its figures embedded, and an index linking them (about 1.5 minutes on 2 cores)."""
 
 import asyncio
-import importlib.util
 import re
 import time
 from pathlib import Path
 
+import build_book
 import pytest
 from jupyter_client.manager import start_new_async_kernel
-
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("build_book", ROOT / "scripts" / "build_book.py")
-build_book = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(build_book)
 
 
 @pytest.fixture(scope="module")

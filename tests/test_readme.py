@@ -1,7 +1,6 @@
 """README.md and docs/: a guide of bounded length whose Python example runs, whose result blocks are exactly
 what scripts/update_readme.py generates from results/, whose links resolve, and which speak to users."""
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -9,17 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import update_readme
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
-
-
-def _update_readme():
-    spec = importlib.util.spec_from_file_location("update_readme", ROOT / "scripts" / "update_readme.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_readme_is_a_short_guide_with_the_quickstart():
@@ -32,13 +25,12 @@ def test_readme_is_a_short_guide_with_the_quickstart():
 @pytest.mark.parametrize("page", DOCS, ids=lambda p: p.name)
 def test_result_blocks_are_generated_from_results(page):
     text = page.read_text()
-    assert _update_readme().regenerate(text) == text, f"run python scripts/update_readme.py ({page.name} is stale)"
+    assert update_readme.regenerate(text) == text, f"run python scripts/update_readme.py ({page.name} is stale)"
 
 
 def test_a_stale_block_is_detected():
-    module = _update_readme()
     stale = "<!-- results:eval_clip -->\n| metric | value |\n| zero_shot_shape_acc | 0.5 |\n<!-- /results:eval_clip -->"
-    assert module.regenerate(stale) != stale
+    assert update_readme.regenerate(stale) != stale
 
 
 def test_the_readme_python_example_runs_as_written():
@@ -63,14 +55,13 @@ def test_relative_links_resolve(page):
 
 
 def test_a_device_check_json_becomes_a_table():
-    module = _update_readme()
     row = {"strategy": "none", "ratio": 0.0, "images_per_s": 900.0, "speedup": 1.0, "ideal": 1.0, "amdahl_ideal": 1.0,
            "of_amdahl": 1.0, "kept_token_fraction": 1.0, "amdahl_ideal_kept_tokens": 1.0, "of_amdahl_kept_tokens": 1.0}
     bench = {"model": "toy", "batch": 256, "rows": [row]}
     data = {"device": "NVIDIA H200", "torch": "2.x", "fast_mode": False,
             "masking": {"readme_batches": {"dtype": "bf16", "models": [bench], "targets": {}}}, "masking_wall_s": 60.0,
             "tip": {"toy": {"cache_build_ms": 12.5, "query_ms": 0.8}}, "clip": {"error": "RuntimeError: out of memory"}}
-    table = module.render_data("device_check", data)
+    table = update_readme.render_data("device_check", data)
     assert "Device: NVIDIA H200" in table and "| toy | 256 | none | 0.0 |" in table
     assert "| tip.toy.query_ms | 0.800 |" in table and "| clip.error | RuntimeError: out of memory |" in table
     assert "masking.readme_batches" not in table
