@@ -60,6 +60,15 @@ def _cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def server_stack() -> dict:
+    """The HTTP parser and event loop uvicorn picks for the served app (its "auto" choice, same interpreter)."""
+    import importlib.util
+
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    return {"http": AutoHTTPProtocol.__name__, "event_loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"}
+
+
 def _percentile(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
@@ -174,4 +183,5 @@ def bench_app(n_requests: int = 200, n_clients: int = 20, model: str = "toy", ta
         tmp.cleanup()
     return {"model": model, "task": task, "n_requests": n_requests, "n_clients": n_clients, **result,
             "startup_s": round(startup_s, 1), "cpu_count": os.cpu_count(),
-            "server": {"queue_max_size": QUEUE_SIZE, "concurrency_limit": CONCURRENCY, "max_batch_size": MAX_BATCH}}
+            "server": {"queue_max_size": QUEUE_SIZE, "concurrency_limit": CONCURRENCY, "max_batch_size": MAX_BATCH,
+                       **server_stack()}}

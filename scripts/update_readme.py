@@ -116,7 +116,7 @@ def app_bench_table(data: dict) -> str:
             ("batching gain", "batching_gain"), ("server CPU ms/req", "server_cpu_ms_per_request"),
             ("load generator CPU ms/req", "load_generator_cpu_ms_per_request")]
     return "\n".join(["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols),
-                      "| " + " | ".join(fmt(data.get(k)) for _, k in cols) + " |"])
+                      "| " + " | ".join(str(data.get(k)) for _, k in cols) + " |"])  # rounded by the bench
 
 
 def _flatten(value, prefix: str = "") -> list[tuple[str, object]]:
