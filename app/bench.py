@@ -62,11 +62,10 @@ def _cpu_seconds(pid: int) -> float | None:
 
 def server_stack() -> dict:
     """The HTTP parser and event loop uvicorn picks for the served app (its "auto" choice, same interpreter)."""
-    import importlib.util
-
+    from uvicorn.loops.auto import auto_loop_factory
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-    return {"http": AutoHTTPProtocol.__name__, "event_loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"}
+    return {"http": AutoHTTPProtocol.__name__, "event_loop": auto_loop_factory().__module__.split(".")[0]}
 
 
 def _percentile(values: list[float], q: float) -> float:
